@@ -1,0 +1,153 @@
+"""The interface every backend implements. The loops in msd_lora.train / msd_lora.sample call only this.
+
+Arrays cross the boundary as numpy; tensors handed back (latents, text embeddings, predictions) are the
+backend's own type and only meet backend-neutral code through arithmetic operators (the samplers).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from msd_lora.lora.keys import LoraWeights
+from msd_lora.lora.spec import LoraSpec
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    latent_channels: int
+    vae_scale_factor: int  # image pixels per latent pixel
+    scaling_factor: float  # latents fed to the UNet are vae latents * scaling_factor
+    base_model: str
+
+    def latent_shape(self, batch: int, image_size: int) -> tuple[int, int, int, int]:
+        side = image_size // self.vae_scale_factor
+        return (batch, self.latent_channels, side, side)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    clip_grad: bool
+    max_grad_norm: float
+    loss_scaler_type: str  # dynamic | static | none
+    init_loss_scale: float
+    loss_scale_factor: float
+    scale_window: int
+    use_ema: bool
+    ema_decay: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "OptimizerSettings":
+        return cls(betas=tuple(cfg.betas), eps=cfg.optim_eps, weight_decay=cfg.weight_decay,
+                   clip_grad=cfg.clip_grad, max_grad_norm=cfg.max_grad_norm, loss_scaler_type=cfg.loss_scaler_type,
+                   init_loss_scale=cfg.init_loss_scale, loss_scale_factor=cfg.loss_scale_factor,
+                   scale_window=cfg.scale_window, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Everything one micro-batch step needs, drawn by the loop in numpy."""
+
+    pixels: np.ndarray  # (B, 3, H, W) float32 in [-1, 1]
+    token_ids: np.ndarray  # (B, L) int64
+    posterior_noise: np.ndarray  # (B, C, h, w) float32: sample of the VAE posterior
+    noise: np.ndarray  # (B, C, h, w) float32: diffusion noise
+    timesteps: np.ndarray  # (B,) int64
+    sqrt_alpha: np.ndarray  # (B,) float32
+    sqrt_one_minus_alpha: np.ndarray  # (B,) float32
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # unscaled loss of this micro-batch
+    updated: bool  # an optimizer update was applied
+    overflow: bool  # gradients were not finite: the update was skipped
+    grad_norm: float | None  # global norm before clipping (on update steps)
+    loss_scale: float
+
+
+class Backend(ABC):
+    """One framework's adapter: model building, LoRA, training step, sampling primitives."""
+
+    name: str
+
+    # --- model -------------------------------------------------------------------------------
+    @abstractmethod
+    def load_model(self, model_path: str, prediction_type: str) -> ModelInfo: ...
+
+    @abstractmethod
+    def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """component -> linear module name -> (out_features, in_features)."""
+
+    @abstractmethod
+    def base_shapes(self) -> dict[str, tuple[int, ...]]:
+        """'<component>.<param name>' -> shape of every frozen UNet / text-encoder weight."""
+
+    @abstractmethod
+    def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Frozen weights as '<component>.<param name>' -> array (all when names is None)."""
+
+    @abstractmethod
+    def set_base_weights(self, values: dict[str, np.ndarray]) -> None: ...
+
+    # --- LoRA --------------------------------------------------------------------------------
+    @abstractmethod
+    def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
+        """Wrap the target layers with trainable LoRA starting at `init`; freeze everything else."""
+
+    @abstractmethod
+    def lora_weights(self, ema: bool = False) -> LoraWeights: ...
+
+    @abstractmethod
+    def set_lora_weights(self, weights: LoraWeights) -> None: ...
+
+    # --- training ----------------------------------------------------------------------------
+    @abstractmethod
+    def configure_training(self, settings: OptimizerSettings) -> None: ...
+
+    @abstractmethod
+    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
+        """Forward/backward one micro-batch; apply the optimizer when `update` (after `accumulation` micro-batches)."""
+
+    @abstractmethod
+    def eval_loss(self, batch: StepBatch) -> float:
+        """The training loss of a batch without gradients or updates."""
+
+    @abstractmethod
+    def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, scalars) that resume training exactly: optimizer moments by LoRA key, EMA, loss scale."""
+
+    @abstractmethod
+    def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None: ...
+
+    # --- sampling ----------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, token_ids: np.ndarray) -> Any: ...
+
+    @abstractmethod
+    def denoise(self, latents: Any, t: int, contexts: list[Any]) -> list[Any]:
+        """UNet predictions for `latents` under each context, computed in one batched call."""
+
+    @abstractmethod
+    def decode(self, latents: Any) -> np.ndarray:
+        """Latents (already divided by nothing: as the UNet sees them) -> uint8 images (N, H, W, 3)."""
+
+    @abstractmethod
+    def tensor(self, array: np.ndarray) -> Any:
+        """A numpy array as this backend's tensor on its device."""
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """Instantiate a backend by name; framework imports happen only here."""
+    if name == "torch":
+        from msd_lora.backends.torch.backend import TorchBackend
+
+        return TorchBackend(**options)
+    if name == "mindspore":
+        raise NotImplementedError("the MindSpore backend is not available in this version; use backend: torch")
+    raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'mindspore'")

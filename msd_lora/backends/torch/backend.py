@@ -1,0 +1,236 @@
+"""PyTorch reference backend: diffusers UNet/VAE, transformers CLIP text encoder, peft LoRA, AdamW."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, StepResult
+from msd_lora.backends.torch import lora as torch_lora
+from msd_lora.diffusion.schedule import add_noise, training_target
+from msd_lora.lora.keys import LoraWeights
+from msd_lora.lora.spec import LoraSpec
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{device}' was asked for, but torch sees no CUDA GPU; use device: cpu")
+    return torch.device(device)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, device: str = "auto", mixed_precision: str = "no", **_: Any):
+        self.device = resolve_device(device)
+        self.autocast_dtype = None
+        if mixed_precision != "no":
+            if self.device.type != "cuda":
+                warnings.warn(f"mixed_precision '{mixed_precision}' needs CUDA; training in float32 on {self.device}")
+            else:
+                self.autocast_dtype = AUTOCAST_DTYPES[mixed_precision]
+        self.components: dict[str, torch.nn.Module] = {}
+        self.lora_params: dict[str, torch.nn.Parameter] = {}
+        self.alpha = 1.0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.ema: list[torch.Tensor] | None = None
+
+    # --- model -------------------------------------------------------------------------------
+    def load_model(self, model_path: str, prediction_type: str) -> ModelInfo:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        kw = {"local_files_only": True}
+        self.unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw)
+        self.vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw)
+        self.text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw)
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(self.device).eval().requires_grad_(False)
+        self.components = {"unet": self.unet, "text_encoder": self.text_encoder}
+        self.prediction_type = prediction_type
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        return ModelInfo(latent_channels=int(self.vae.config.latent_channels),
+                         vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1),
+                         scaling_factor=self.scaling_factor, base_model=str(model_path))
+
+    def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
+        return {c: {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear)} for c, model in self.components.items()}
+
+    def _base_params(self) -> dict[str, torch.nn.Parameter]:
+        """'<component>.<name>' -> frozen parameter, with peft's '.base_layer' hidden."""
+        params = {}
+        for component, model in self.components.items():
+            for name, param in model.named_parameters():
+                if ".lora_A." not in name and ".lora_B." not in name:
+                    params[f"{component}.{name.replace('.base_layer.', '.')}"] = param
+        return params
+
+    def base_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self._base_params().items()}
+
+    def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        params = self._base_params()
+        return {n: params[n].detach().float().cpu().numpy().copy() for n in (names or params)}
+
+    def set_base_weights(self, values: dict[str, np.ndarray]) -> None:
+        params = self._base_params()
+        with torch.no_grad():
+            for name, value in values.items():
+                if tuple(params[name].shape) != value.shape:
+                    raise ValueError(f"{name}: shape {value.shape} does not fit {tuple(params[name].shape)}")
+                params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+    # --- LoRA --------------------------------------------------------------------------------
+    def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
+        self.alpha = spec.alpha
+        for component, names in targets.items():
+            torch_lora.inject(self.components[component], spec, names)
+            self.lora_params.update(torch_lora.lora_parameters(self.components[component], component))
+        for model in self.components.values():
+            model.requires_grad_(False)
+        for param in self.lora_params.values():
+            param.requires_grad_(True)
+        trainable = [p for m in (self.unet, self.text_encoder, self.vae) for p in m.parameters() if p.requires_grad]
+        assert len(trainable) == len(self.lora_params), "only LoRA parameters may be trainable"
+        self.set_lora_weights(init)
+
+    def lora_weights(self, ema: bool = False) -> LoraWeights:
+        if ema and self.ema is not None:
+            return torch_lora.read_weights(dict(zip(self.lora_params, self.ema)), self.alpha)
+        return torch_lora.read_weights(self.lora_params, self.alpha)
+
+    def set_lora_weights(self, weights: LoraWeights) -> None:
+        torch_lora.write_weights(self.lora_params, weights)
+
+    # --- training ----------------------------------------------------------------------------
+    def configure_training(self, settings: OptimizerSettings) -> None:
+        self.settings = settings
+        params = list(self.lora_params.values())
+        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=settings.betas, eps=settings.eps,
+                                           weight_decay=settings.weight_decay)
+        if self.autocast_dtype == torch.float16 and settings.loss_scaler_type != "none":
+            dynamic = settings.loss_scaler_type == "dynamic"
+            self.scaler = torch.amp.GradScaler(
+                "cuda", init_scale=settings.init_loss_scale,
+                growth_factor=settings.loss_scale_factor if dynamic else 1.0 + 1e-7,
+                backoff_factor=1.0 / settings.loss_scale_factor if dynamic else 1.0 - 1e-7,
+                growth_interval=settings.scale_window)
+        self.ema = [p.detach().clone() for p in params] if settings.use_ema else None
+
+    def _tensor_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        return {"pixels": to(batch.pixels), "ids": to(batch.token_ids), "posterior_noise": to(batch.posterior_noise),
+                "noise": to(batch.noise), "t": to(batch.timesteps),
+                "a": to(batch.sqrt_alpha).view(-1, 1, 1, 1), "s": to(batch.sqrt_one_minus_alpha).view(-1, 1, 1, 1)}
+
+    @torch.no_grad()
+    def _encode_latents(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(pixels).latent_dist
+        return (posterior.mean + posterior.std * posterior_noise) * self.scaling_factor
+
+    def _loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        latents = self._encode_latents(b["pixels"], b["posterior_noise"])
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            context = self.text_encoder(b["ids"])[0]
+            noisy = add_noise(latents, b["noise"], b["a"], b["s"])
+            pred = self.unet(noisy, b["t"], context).sample
+        target = training_target(latents, b["noise"], b["a"], b["s"], self.prediction_type)
+        return F.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def eval_loss(self, batch: StepBatch) -> float:
+        return self._loss(self._tensor_batch(batch)).item()
+
+    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
+        loss = self._loss(self._tensor_batch(batch))
+        scaled = loss / accumulation
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        scale = float(self.scaler.get_scale()) if self.scaler else 1.0
+        if not update:
+            return StepResult(loss=loss.item(), updated=False, overflow=False, grad_norm=None, loss_scale=scale)
+        return self._apply_update(loss.item(), lr, scale)
+
+    def _apply_update(self, loss: float, lr: float, scale: float) -> StepResult:
+        params = list(self.lora_params.values())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        limit = self.settings.max_grad_norm if self.settings.clip_grad else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        finite = bool(torch.isfinite(norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the update itself when grads are not finite
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite and self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in params], 1.0 - self.settings.ema_decay)
+        return StepResult(loss=loss, updated=finite, overflow=not finite, grad_norm=float(norm), loss_scale=scale)
+
+    def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, step = {}, 0
+        for key, param in self.lora_params.items():
+            state = self.optimizer.state.get(param, {})
+            if state:
+                step = int(state["step"])
+                arrays[f"optimizer.exp_avg.{key}"] = state["exp_avg"].float().cpu().numpy()
+                arrays[f"optimizer.exp_avg_sq.{key}"] = state["exp_avg_sq"].float().cpu().numpy()
+        if self.ema is not None:
+            arrays.update({f"ema.{k}": e.float().cpu().numpy() for k, e in zip(self.lora_params, self.ema)})
+        scalars = {"optimizer_step": step, "loss_scale": float(self.scaler.get_scale()) if self.scaler else 1.0}
+        if self.scaler:
+            scalars["scaler_growth_tracker"] = int(self.scaler.state_dict()["_growth_tracker"])
+        return arrays, scalars
+
+    def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        step = int(scalars.get("optimizer_step", 0))
+        for key, param in self.lora_params.items():
+            if step and f"optimizer.exp_avg.{key}" in arrays:
+                self.optimizer.state[param] = {"step": torch.tensor(float(step)),
+                                               "exp_avg": to(arrays[f"optimizer.exp_avg.{key}"]),
+                                               "exp_avg_sq": to(arrays[f"optimizer.exp_avg_sq.{key}"])}
+        if self.ema is not None:
+            self.ema = [to(arrays[f"ema.{k}"]) if f"ema.{k}" in arrays else p.detach().clone()
+                        for k, p in self.lora_params.items()]
+        if self.scaler:
+            state = self.scaler.state_dict()
+            state.update(scale=float(scalars["loss_scale"]), _growth_tracker=int(scalars["scaler_growth_tracker"]))
+            self.scaler.load_state_dict(state)
+
+    # --- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, token_ids: np.ndarray) -> torch.Tensor:
+        return self.text_encoder(self.tensor(token_ids))[0]
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, t: float, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+        x = torch.cat([latents] * len(contexts))
+        dtype = torch.long if float(t).is_integer() else torch.float32  # euler passes fractional timesteps
+        timestep = torch.full((x.shape[0],), t, device=self.device, dtype=dtype)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            pred = self.unet(x, timestep, torch.cat(contexts)).sample.float()
+        return list(pred.chunk(len(contexts)))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        images = self.vae.decode(latents / self.scaling_factor).sample
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

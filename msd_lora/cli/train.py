@@ -1,0 +1,30 @@
+"""`python train_text_to_image.py --train_config configs/train/lora_tiny.yaml [--key value ...]`."""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from msd_lora.config import ConfigError, build_parser, load_train_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser().print_help()
+        return 0
+    try:
+        cfg = load_train_config(argv)
+        from msd_lora.train import train
+
+        result = train(cfg)
+    except (ConfigError, ValueError, PermissionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"LoRA: {result.lora_path}  ({result.steps} steps, {result.skipped_steps} skipped, "
+          f"final loss {result.final_loss:.4f})")
+    print(f"log: {result.output_path / 'train_log.csv'}  validation: {result.output_path / 'validation'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Atomic file writes and output-folder checks: a crash never leaves a half-written file behind."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> None:
+    """Run `writer(tmp_path)` and move the result into place atomically."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def ensure_writable_dir(path: str | Path, what: str = "output_path") -> Path:
+    """Create `path` if needed and prove a file can be written there, or raise a clear error."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test."):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{what} '{path}' is not writable ({err.strerror}); "
+                              f"choose another folder with --{what}") from None
+    return path

@@ -1,0 +1,117 @@
+"""The canonical LoRA file: safetensors with diffusers/peft keys and self-describing metadata.
+
+Metadata (all strings, as safetensors requires):
+  format: "pt"                         so torch tooling treats it as a torch file
+  msd_lora.format_version: "1"
+  msd_lora.rank / msd_lora.alpha       one rank and alpha for every layer in files we write
+  msd_lora.targets                     json {"unet": [...], "text_encoder": [...]}
+  msd_lora.base_model / msd_lora.step  what it was trained on, and for how long
+  lora_adapter_metadata                json in diffusers' layout ({"unet.r", "unet.lora_alpha", ...}) so
+                                       diffusers' load_lora_weights honours alpha
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msd_lora.io_utils import atomic_write
+from msd_lora.lora.keys import LoraWeights, from_tensors, split_module_key, to_tensors
+
+FORMAT_VERSION = "1"
+
+
+class LoraFileError(ValueError):
+    """A LoRA file is missing, unreadable, or not a LoRA."""
+
+
+@dataclass
+class LoraFile:
+    weights: LoraWeights
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int | None:
+        value = self.metadata.get("msd_lora.step")
+        return int(value) if value is not None else None
+
+
+def _targets(weights: LoraWeights) -> dict[str, list[str]]:
+    """Suffix-free description: the leaf module names trained per component."""
+    found: dict[str, set[str]] = {}
+    for key in weights:
+        component, module = split_module_key(key)
+        leaf = module.rsplit(".", 2)
+        found.setdefault(component, set()).add(".".join(leaf[-2:]) if leaf[-1].isdigit() else leaf[-1])
+    return {c: sorted(v) for c, v in found.items()}
+
+
+def build_metadata(weights: LoraWeights, base_model: str = "", step: int | None = None,
+                   extra: dict[str, str] | None = None) -> dict[str, str]:
+    ranks = {layer.rank for layer in weights.values()}
+    alphas = {float(layer.alpha) for layer in weights.values()}
+    targets = _targets(weights)
+    meta = {"format": "pt", "msd_lora.format_version": FORMAT_VERSION,
+            "msd_lora.targets": json.dumps(targets), "msd_lora.base_model": base_model}
+    if step is not None:
+        meta["msd_lora.step"] = str(step)
+    if len(ranks) == 1 and len(alphas) == 1:
+        rank, alpha = ranks.pop(), alphas.pop()
+        meta["msd_lora.rank"], meta["msd_lora.alpha"] = str(rank), repr(alpha)
+        adapter = {}
+        for component, leaves in targets.items():
+            adapter.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                            f"{component}.target_modules": leaves, f"{component}.rank_pattern": {},
+                            f"{component}.alpha_pattern": {}})
+        meta["lora_adapter_metadata"] = json.dumps(adapter, sort_keys=True)
+    meta.update(extra or {})
+    return meta
+
+
+def save_lora(path: str | Path, weights: LoraWeights, base_model: str = "", step: int | None = None,
+              extra: dict[str, str] | None = None) -> Path:
+    """Write the canonical file atomically (float32 tensors, contiguous)."""
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in to_tensors(weights).items()}
+    metadata = build_metadata(weights, base_model, step, extra)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return Path(path)
+
+
+def _alphas_from_metadata(meta: dict[str, str], keys: list[str]) -> dict[str, float] | None:
+    if "msd_lora.alpha" in meta:
+        return {k: float(meta["msd_lora.alpha"]) for k in keys}
+    if "lora_adapter_metadata" in meta:
+        adapter = json.loads(meta["lora_adapter_metadata"])
+        return {k: float(adapter[f"{split_module_key(k)[0]}.lora_alpha"]) for k in keys
+                if f"{split_module_key(k)[0]}.lora_alpha" in adapter}
+    return None
+
+
+def load_lora(path: str | Path) -> LoraFile:
+    """Read a canonical LoRA file; clear errors for missing, corrupt or non-LoRA files."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoraFileError(f"{path} is not a readable safetensors file ({err}); "
+                            f"it may be truncated or in another format") from None
+    try:
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+        weights = from_tensors(tensors, _alphas_from_metadata(meta, modules))
+    except KeyError as err:
+        raise LoraFileError(f"{path} is not a canonical LoRA file: {err.args[0]}") from None
+    if not weights:
+        raise LoraFileError(f"{path} holds no LoRA tensors")
+    return LoraFile(weights=weights, metadata=meta)

@@ -1,0 +1,81 @@
+"""Canonical LoRA naming: `<component>.<module path>.lora_A.weight` / `.lora_B.weight` (diffusers/peft).
+
+In memory a LoRA is `LoraWeights`: `"<component>.<module path>" -> LoraLayer(down=A, up=B, alpha)`.
+Per-layer alpha keeps room for files (kohya) whose layers differ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COMPONENTS = ("unet", "text_encoder")
+DOWN, UP = "lora_A.weight", "lora_B.weight"
+
+
+@dataclass
+class LoraLayer:
+    down: np.ndarray  # A: (rank, in_features)
+    up: np.ndarray  # B: (out_features, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+LoraWeights = dict[str, LoraLayer]
+
+
+def module_key(component: str, module: str) -> str:
+    return f"{component}.{module}"
+
+
+def split_module_key(key: str) -> tuple[str, str]:
+    """'unet.down_blocks.0...to_q' -> ('unet', 'down_blocks.0...to_q')."""
+    component, _, module = key.partition(".")
+    if component not in COMPONENTS or not module:
+        raise KeyError(f"LoRA key {key!r} does not start with one of {COMPONENTS}")
+    return component, module
+
+
+def to_tensors(weights: LoraWeights) -> dict[str, np.ndarray]:
+    """Flatten to canonical safetensors keys."""
+    tensors = {}
+    for key, layer in weights.items():
+        tensors[f"{key}.{DOWN}"] = layer.down
+        tensors[f"{key}.{UP}"] = layer.up
+    return tensors
+
+
+def from_tensors(tensors: dict[str, np.ndarray], alphas: dict[str, float] | float | None) -> LoraWeights:
+    """Group canonical keys into layers; `alphas` per module key, one number, or None (alpha = rank)."""
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in tensors.items():
+        for part in (DOWN, UP):
+            if name.endswith("." + part):
+                modules.setdefault(name[: -len(part) - 1], {})[part] = value
+                break
+        else:
+            raise KeyError(f"{name!r} is not a canonical LoRA key (…{DOWN} / …{UP})")
+    weights = {}
+    for key, parts in modules.items():
+        if DOWN not in parts or UP not in parts:
+            missing = DOWN if DOWN not in parts else UP
+            raise KeyError(f"LoRA layer {key!r} has no {missing}")
+        down, up = parts[DOWN], parts[UP]
+        if isinstance(alphas, dict):
+            alpha = alphas.get(key, float(down.shape[0]))
+        else:
+            alpha = float(down.shape[0]) if alphas is None else float(alphas)
+        weights[key] = LoraLayer(down=down, up=up, alpha=alpha)
+    return weights
+
+
+def base_weight_name(module: str) -> str:
+    """Name of the frozen weight a LoRA on `module` updates."""
+    return f"{module}.weight"

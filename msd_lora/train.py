@@ -1,0 +1,205 @@
+"""The backend-neutral LoRA training loop.
+
+Everything random is drawn here in numpy from the seed and the micro-step index (batch order, crops,
+timesteps, diffusion noise, VAE posterior noise), so a resumed run continues bit-exactly and two backends
+see the same numbers. The backend only runs the networks and the optimizer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, get_backend
+from msd_lora.checkpoint import RESUME_NAME, ResumeError, ResumeState, load_resume, save_resume
+from msd_lora.config import Config, write_config
+from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
+from msd_lora.data.dataset import CaptionedImageDataset
+from msd_lora.diffusion.schedule import NoiseSchedule
+from msd_lora.io_utils import ensure_writable_dir
+from msd_lora.lora.io import save_lora
+from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
+from msd_lora.lr_schedule import learning_rate
+from msd_lora.models.model_config import load_model_config
+from msd_lora.models.pretrained import PromptTokenizer, check_model_folder
+from msd_lora.sample import SamplingSettings, generate, image_grid, save_png
+from msd_lora.train_log import TrainLog
+
+NOISE_STREAM = 0x5EED  # keeps the noise stream apart from the data-order stream [seed, epoch]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    micro_steps_per_epoch: int
+    accumulation: int
+    total_steps: int  # optimizer steps
+
+    def epoch_of(self, step: int) -> float:
+        """Epochs completed after `step` optimizer steps."""
+        return step * self.accumulation / self.micro_steps_per_epoch
+
+
+@dataclass
+class TrainResult:
+    output_path: Path
+    lora_path: Path
+    steps: int
+    skipped_steps: int
+    final_loss: float
+
+
+class Trainer:
+    """Holds one run's pieces; `run()` trains from step 0 or from the resume state."""
+
+    def __init__(self, cfg: Config, backend: Backend | None = None, show_progress: bool = True):
+        self.cfg = cfg
+        self.show_progress = show_progress
+        self.output = ensure_writable_dir(cfg.output_path)
+        self.model_config = load_model_config(cfg.model_config)
+        self.schedule: NoiseSchedule = self.model_config.noise_schedule()
+        model_path = check_model_folder(cfg.pretrained_model_path)
+        self.dataset = CaptionedImageDataset(cfg.data_path, cfg.image_size, random_crop=cfg.random_crop,
+                                             flip=cfg.flip)
+        self.order = BatchOrder(len(self.dataset), cfg.train_batch_size, cfg.seed)
+        self.tokenizer = PromptTokenizer(model_path)
+        self.backend = backend or get_backend(cfg.backend, device=cfg.device, mixed_precision=cfg.mixed_precision,
+                                              mode=cfg.mode)
+        self.info: ModelInfo = self.backend.load_model(str(model_path), self.model_config.prediction_type)
+        if cfg.image_size % self.info.vae_scale_factor:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of the VAE's downscale factor "
+                             f"{self.info.vae_scale_factor}")
+        self.spec = LoraSpec.from_config(cfg)
+        shapes = self.backend.linear_shapes()
+        targets = select_targets(self.spec, shapes)
+        self.backend.add_lora(self.spec, targets, init_lora_weights(self.spec, targets, shapes, cfg.seed))
+        self.backend.configure_training(OptimizerSettings.from_config(cfg))
+        self.plan = self._plan()
+
+    def _plan(self) -> RunPlan:
+        cfg, micro = self.cfg, self.order.steps_per_epoch
+        if cfg.max_train_steps:
+            total = cfg.max_train_steps
+        else:
+            total = max(1, (cfg.epochs * micro) // cfg.gradient_accumulation_steps)
+        return RunPlan(micro_steps_per_epoch=micro, accumulation=cfg.gradient_accumulation_steps, total_steps=total)
+
+    # --- data -------------------------------------------------------------------------------
+    def micro_batch(self, micro_step: int) -> StepBatch:
+        """The exact inputs of micro-step `micro_step` (0-based, counted over the whole run)."""
+        epoch, index = divmod(micro_step, self.plan.micro_steps_per_epoch)
+        aug = augmentation_rng(self.cfg.seed, epoch, index)
+        pixels, captions = collate([self.dataset.load(int(i), aug) for i in self.order.batch(epoch, index)])
+        rng = np.random.default_rng([self.cfg.seed, NOISE_STREAM, micro_step])
+        shape = self.info.latent_shape(len(captions), self.cfg.image_size)
+        timesteps = rng.integers(0, self.schedule.num_train_timesteps, shape[0]).astype(np.int64)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        posterior_noise = rng.standard_normal(shape, dtype=np.float32)
+        sqrt_alpha, sqrt_one_minus = self.schedule.coefficients(timesteps)
+        return StepBatch(pixels=pixels, token_ids=self.tokenizer(captions), posterior_noise=posterior_noise,
+                         noise=noise, timesteps=timesteps, sqrt_alpha=sqrt_alpha, sqrt_one_minus_alpha=sqrt_one_minus)
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        return learning_rate(step, self.plan.total_steps, cfg.scheduler, cfg.start_learning_rate,
+                             cfg.end_learning_rate, cfg.warmup_steps, cfg.decay_steps)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    @property
+    def resume_path(self) -> Path:
+        return self.output / "ckpt" / RESUME_NAME
+
+    def _restore(self, log_message) -> tuple[int, int]:
+        """(start step, skipped steps so far) from the resume state, or (0, 0)."""
+        resume = self.cfg.resume
+        if resume is False:
+            return 0, 0
+        path = self.resume_path if resume is True else Path(resume)
+        if resume is True and not path.exists():
+            log_message(f"no resume state at {path}; starting from step 0")
+            return 0, 0
+        state = load_resume(path)
+        if state.step > self.plan.total_steps:
+            raise ResumeError(f"{path} is at step {state.step}, past this run's {self.plan.total_steps} steps")
+        self.backend.set_lora_weights(state.lora)
+        self.backend.load_training_state(state.arrays, state.scalars)
+        log_message(f"resumed from {path} at step {state.step}")
+        return state.step, int(state.scalars.get("skipped_steps", 0))
+
+    def save_checkpoint(self, step: int, skipped: int) -> Path:
+        lora_path = self.output / "ckpt" / f"lora-{step:06d}.safetensors"
+        self.save_lora(lora_path, step)
+        arrays, scalars = self.backend.training_state()
+        save_resume(self.resume_path, ResumeState(step=step, lora=self.backend.lora_weights(), arrays=arrays,
+                                                  scalars={**scalars, "skipped_steps": skipped}))
+        return lora_path
+
+    def save_lora(self, path: Path, step: int) -> Path:
+        weights = self.backend.lora_weights(ema=self.cfg.use_ema)
+        return save_lora(path, weights, base_model=self.info.base_model, step=step,
+                         extra={"msd_lora.backend": self.backend.name, "msd_lora.ema": str(self.cfg.use_ema)})
+
+    def _checkpoint_due(self, step: int) -> bool:
+        interval = self.cfg.ckpt_save_interval
+        if self.cfg.step_mode:
+            return step % interval == 0
+        before, after = math.floor(self.plan.epoch_of(step - 1)), math.floor(self.plan.epoch_of(step))
+        return after > before and after % interval == 0
+
+    # --- loop -------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        write_config(self.cfg, self.output / "train_config.yaml")
+        messages: list[str] = []
+        start, skipped = self._restore(messages.append)
+        log = TrainLog(self.output, self.plan.total_steps, start, show_progress=self.show_progress)
+        for text in messages:
+            log.message(text)
+        loss = float("nan")
+        accumulation = self.plan.accumulation
+        try:
+            for step in range(start, self.plan.total_steps):
+                lr = self.lr_at(step)
+                losses = []
+                for k in range(accumulation):
+                    result = self.backend.train_step(self.micro_batch(step * accumulation + k), lr,
+                                                     update=k == accumulation - 1, accumulation=accumulation)
+                    losses.append(result.loss)
+                loss = float(np.mean(losses))
+                skipped += int(result.overflow)
+                if result.overflow:
+                    log.message(f"step {step + 1}: gradients not finite, update skipped (loss scale "
+                                f"{result.loss_scale:g}, {skipped} skipped so far)")
+                done = step + 1
+                log.step({"step": done, "epoch": round(self.plan.epoch_of(done), 4), "loss": loss, "lr": lr,
+                          "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
+                          "overflow": int(result.overflow), "skipped_steps": skipped},
+                         write=done % self.cfg.log_interval == 0 or done == self.plan.total_steps)
+                if self._checkpoint_due(done) or done == self.plan.total_steps:
+                    self.save_checkpoint(done, skipped)
+        finally:
+            log.close()
+        lora_path = self.save_lora(self.output / "lora.safetensors", self.plan.total_steps)
+        self.write_validation_samples()
+        return TrainResult(self.output, lora_path, self.plan.total_steps, skipped, loss)
+
+    def write_validation_samples(self) -> list[Path]:
+        """A grid per validation prompt (default: the dataset's first two captions), with the trained LoRA."""
+        prompts = list(self.cfg.validation_prompts) or list(dict.fromkeys(self.dataset.captions))[:2]
+        settings = SamplingSettings(sampler=self.cfg.validation_sampler, steps=self.cfg.validation_steps,
+                                    guidance_scale=self.cfg.validation_guidance_scale, height=self.cfg.image_size,
+                                    width=self.cfg.image_size, seed=self.cfg.seed)
+        if self.cfg.use_ema:
+            self.backend.set_lora_weights(self.backend.lora_weights(ema=True))
+        paths = []
+        for i, prompt in enumerate(prompts):
+            images = generate(self.backend, self.info, self.tokenizer, self.schedule, prompt, 4, settings, i)
+            path = self.output / "validation" / f"prompt{i:02d}.png"
+            save_png(path, image_grid(images), upscale=max(1, 128 // self.cfg.image_size))
+            paths.append(path)
+        (self.output / "validation" / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        return paths
+
+
+def train(cfg: Config, show_progress: bool = True) -> TrainResult:
+    return Trainer(cfg, show_progress=show_progress).run()

@@ -1,0 +1,46 @@
+import math
+import os
+
+import pytest
+from transformers import CLIPTokenizer
+
+from msd_lora.io_utils import atomic_write_text, ensure_writable_dir
+from msd_lora.lr_schedule import learning_rate
+from msd_lora.models.tiny_tokenizer import learn_merges, write_clip_tokenizer
+
+
+def test_tokenizer_makes_each_word_one_token(tmp_path):
+    words = ["red", "green", "greenery", "background", "a", "an", "on"]
+    write_clip_tokenizer(tmp_path, words)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    ids = tok("a green background on red").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<|startoftext|>", "a</w>", "green</w>", "background</w>", "on</w>",
+                                              "red</w>", "<|endoftext|>"]
+    assert len(tok("zebra").input_ids) > 3  # unknown words still tokenize, byte by byte
+    assert len(learn_merges(words)) == len(set(learn_merges(words)))
+
+
+def test_learning_rate_schedules():
+    kw = dict(total_steps=110, start=1.0, end=0.1, warmup_steps=10)
+    assert learning_rate(0, scheduler="cosine_decay", **kw) == pytest.approx(0.1)
+    assert learning_rate(9, scheduler="cosine_decay", **kw) == pytest.approx(1.0)
+    assert learning_rate(60, scheduler="cosine_decay", **kw) == pytest.approx(0.55)
+    assert learning_rate(110, scheduler="cosine_decay", **kw) == pytest.approx(0.1)
+    assert learning_rate(60, scheduler="linear_decay", **kw) == pytest.approx(0.55)
+    assert learning_rate(60, scheduler="constant", **kw) == 1.0
+    assert learning_rate(35, scheduler="cosine_decay", decay_steps=50, **kw) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "one")
+    atomic_write_text(path, "two")
+    assert path.read_text() == "two" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_unwritable_output_path_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match=r"output_path '.*a_file/run' is not writable"):
+        ensure_writable_dir(blocker / "run")
