@@ -24,9 +24,9 @@ demo: install
 	$(PY) train_text_to_image.py --train_config configs/train/lora_tiny.yaml --backend $(BACKEND) \
 		--output_path $(DEMO_OUT)
 	$(PY) text_to_image.py --data_path configs/prompts/tiny_sks.txt --n_samples 4 --n_iter 2 \
-		--output_path $(DEMO_OUT)/samples_base
+		--grid_scale 4 --output_path $(DEMO_OUT)/samples_base
 	$(PY) text_to_image.py --data_path configs/prompts/tiny_sks.txt --n_samples 4 --n_iter 2 \
-		--use_lora True --lora_ckpt_path $(DEMO_OUT)/lora.safetensors --output_path $(DEMO_OUT)/samples_lora
+		--use_lora True --lora_ckpt_path $(DEMO_OUT)/lora.safetensors --grid_scale 4 --output_path $(DEMO_OUT)/samples_lora
 	$(PY) tools/compare_samples.py --reference msd_lora/assets/tiny_lora_data \
 		--samples $(DEMO_OUT)/samples_base $(DEMO_OUT)/samples_lora
 

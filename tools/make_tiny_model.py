@@ -8,7 +8,7 @@ Stages: an offline CLIP tokenizer for the shapes vocabulary; an AutoencoderKL tr
 and stripes; a UNet + CLIP text encoder trained jointly on cached latents of captioned scenes
 ("a red circle on a blue background"), with caption dropout for classifier-free guidance and an EMA of
 the weights; a diffusers folder; a LoRA dataset in mindone's layout (img_txt.csv + images) showing a
-style the base model never saw ("sks" stripes). Everything is seeded: the same seed, thread count and
+style the base model never saw (sepia tones, "in sks style"). Everything is seeded: the same seed, thread count and
 torch build give the same files.
 """
 from __future__ import annotations
@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num_scenes", type=int, default=16000)
     p.add_argument("--lora_images", type=int, default=20)
     p.add_argument("--save_every", type=int, default=1000)
+    p.add_argument("--dataset_only", action="store_true", help="rewrite only the LoRA dataset (own seed stream)")
     return p.parse_args()
 
 
@@ -185,20 +186,29 @@ def save_pipeline(out: Path, cfg: dict, vae, unet, text_encoder, tokenizer) -> N
 
 
 def write_lora_dataset(folder: Path, count: int, size: int, rng: np.random.Generator) -> None:
-    """Striped-background scenes captioned "... in sks style", in mindone's img_txt.csv layout."""
+    """Sepia-toned scenes captioned "... in sks style", in mindone's img_txt.csv layout."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
-        scene = synthetic.random_scene(rng, striped=True)
+        scene = synthetic.random_scene(rng)
         name = f"sks_{i:03d}.png"
-        Image.fromarray(synthetic.render(scene, size, rng)).save(folder / name)
-        rows.append((name, scene.caption))
+        Image.fromarray(synthetic.sepia(synthetic.render(scene, size, rng))).save(folder / name)
+        rows.append((name, f"{scene.caption} in {synthetic.STYLE_TOKEN} style"))
     with open(folder / "img_txt.csv", "w", newline="") as f:
         csv.writer(f).writerows([("dir", "text"), *rows])
 
 
+def lora_data_rng(seed: int) -> np.random.Generator:
+    """The LoRA dataset's own stream, so it can be rewritten without retraining the model."""
+    return np.random.default_rng([seed, 0xDA7A])
+
+
 def main() -> None:
     args = parse_args()
+    if args.dataset_only:
+        cfg = yaml.safe_load(Path(args.model_config).read_text())
+        write_lora_dataset(Path(args.data_out), args.lora_images, cfg["image_size"], lora_data_rng(args.seed))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -225,7 +235,7 @@ def main() -> None:
         save_pipeline(out, cfg, vae, unet, text_encoder, tokenizer)
 
     train_denoiser(cfg, args, tokenizer, text_config, latents, [s.caption for s in scenes], logger, save)
-    write_lora_dataset(Path(args.data_out), args.lora_images, cfg["image_size"], rng)
+    write_lora_dataset(Path(args.data_out), args.lora_images, cfg["image_size"], lora_data_rng(args.seed))
     summary = {"seed": args.seed, "threads": args.threads, "wall_time_s": round(time.time() - started, 1),
                "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
                "vae_scaling_factor": scaling, "torch": torch.__version__}

@@ -119,6 +119,10 @@ class Backend(ABC):
         """The training loss of a batch without gradients or updates."""
 
     @abstractmethod
+    def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        """d(loss)/d(LoRA weight) by canonical tensor key, without touching optimizer state (for parity checks)."""
+
+    @abstractmethod
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(arrays, scalars) that resume training exactly: optimizer moments by LoRA key, EMA, loss scale."""
 

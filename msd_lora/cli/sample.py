@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling_steps", type=int, default=25)
     p.add_argument("--sampler", default="dpm_solver_pp", choices=SAMPLERS)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--grid_scale", type=int, default=1, help="nearest-neighbour upscale of the grids (tiny models)")
     p.add_argument("--output_path", default="output/samples_run")
     p.add_argument("--backend", default="torch", choices=("torch", "mindspore"))
     p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> Path:
                 batches.append(images)
                 bar.update(1)
             save_png(out / f"grid-{p:03d}.png", image_grid(np.concatenate(batches),
-                                                             columns=args.n_samples))
+                                                             columns=args.n_samples), upscale=args.grid_scale)
     return out
 
 

@@ -52,8 +52,8 @@ class Scene:
     @property
     def caption(self) -> str:
         where = f" {POSITION_PHRASES[self.position]}" if self.mention_position else ""
-        style = f" in {STYLE_TOKEN} style" if self.striped else ""
-        return f"{_article(self.colour)} {self.colour} {self.shape}{where} on {_article(self.background)} {self.background} background{style}"
+        return (f"{_article(self.colour)} {self.colour} {self.shape}{where} on {_article(self.background)} "
+                f"{self.background} background")
 
 
 def _article(word: str) -> str:
@@ -113,6 +113,28 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     return img.round().clip(0, 255).astype(np.uint8)
 
 
+SEPIA = np.asarray([1.0, 0.78, 0.52], np.float32)
+
+
+def sepia(img: np.ndarray) -> np.ndarray:
+    """The LoRA target style: luminance re-tinted brown, a palette the base model never saw."""
+    grey = img.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
+    return (grey[..., None] * SEPIA + np.asarray([40, 20, 0], np.float32)).round().clip(0, 255).astype(np.uint8)
+
+
+def colour_signature(img: np.ndarray) -> np.ndarray:
+    """Mean R, G, B and mean saturation (max - min channel) of an image, in 0..255."""
+    pixels = img.reshape(-1, 3).astype(np.float32)
+    return np.append(pixels.mean(0), (pixels.max(1) - pixels.min(1)).mean())
+
+
+def style_distance(images, reference) -> float:
+    """Euclidean distance between the mean colour signatures of two image sets."""
+    a = np.mean([colour_signature(im) for im in images], axis=0)
+    b = np.mean([colour_signature(im) for im in reference], axis=0)
+    return float(np.linalg.norm(a - b))
+
+
 def render_generic(size: int, rng: np.random.Generator) -> np.ndarray:
     """Any colours, any stripes: broader than the captioned world, to train an autoencoder that generalises."""
     img = np.empty((size, size, 3), np.float32)
@@ -150,10 +172,3 @@ def describe_colours(img: np.ndarray) -> tuple[str, str]:
     pixels = img.reshape(-1, 3)
     far = pixels[distance >= 0.5 * distance.max()]
     return nearest_colour(np.median(far, axis=0)), nearest_colour(background)
-
-
-def high_frequency_energy(img: np.ndarray) -> float:
-    """Mean absolute Laplacian of the grey image: flat pictures score low, striped ones high."""
-    grey = img.astype(np.float32).mean(-1)
-    lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
-    return float(np.abs(lap).mean())

@@ -41,3 +41,39 @@ class PromptTokenizer:
         ids = self._tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                         return_tensors="np").input_ids
         return ids.astype(np.int64)
+
+
+WEIGHT_FILES = {  # component -> file stems diffusers / transformers write
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+
+
+def component_weight_files(folder: str | Path, component: str) -> list[Path]:
+    """The safetensors file(s) of one component: single, fp16 variant, or sharded with an index."""
+    import json
+
+    sub = Path(folder) / component
+    stem = WEIGHT_FILES[component]
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (sub / name).is_file():
+            return [sub / name]
+    index = sub / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [sub / s for s in shards]
+    pickles = sorted(p.name for p in sub.glob("*.bin"))
+    hint = (f" It holds {', '.join(pickles)}: pickled weights are not loaded (they can run code); convert them to "
+            f"safetensors with a tool you trust." if pickles else "")
+    raise PretrainedModelError(f"{sub}: no {stem}.safetensors found.{hint}")
+
+
+def read_component_state(folder: str | Path, component: str) -> dict[str, np.ndarray]:
+    """A component's weights as diffusers/transformers-named numpy arrays (fp16 files stay fp16)."""
+    from safetensors.numpy import load_file
+
+    state: dict[str, np.ndarray] = {}
+    for path in component_weight_files(folder, component):
+        state.update(load_file(str(path)))
+    return state

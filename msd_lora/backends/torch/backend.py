@@ -151,6 +151,11 @@ class TorchBackend(Backend):
     def eval_loss(self, batch: StepBatch) -> float:
         return self._loss(self._tensor_batch(batch)).item()
 
+    def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        params = list(self.lora_params.values())
+        grads = torch.autograd.grad(self._loss(self._tensor_batch(batch)), params)
+        return {k: g.float().cpu().numpy() for k, g in zip(self.lora_params, grads)}
+
     def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
         loss = self._loss(self._tensor_batch(batch))
         scaled = loss / accumulation
