@@ -68,6 +68,7 @@ def bench_torch(case: str, repeats: int) -> dict:
         xi = x.clone().requires_grad_(True)
         unet(xi, t, context).sample.float().pow(2).mean().backward()
 
+    base_params = sum(p.numel() for p in unet.parameters())
     _, forward_ms = timed(forward, repeats)
     _, floor_ms = timed(frozen_forward_backward, repeats)
     spec = LoraSpec(rank=4, alpha=4.0, targets={"unet": UNET_TARGETS})
@@ -89,7 +90,7 @@ def bench_torch(case: str, repeats: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     first_ms, step_ms = timed(lora_step, repeats)
-    return {"model": case, "latent_side": side, "batch": batch, "unet_params": sum(p.numel() for p in unet.parameters()),
+    return {"model": case, "latent_side": side, "batch": batch, "unet_params": base_params,
             "lora_params": int(sum(np.prod(p.shape) for p in params.values())), "forward_ms": round(forward_ms, 2),
             "frozen_forward_backward_ms": round(floor_ms, 2), "lora_step_ms": round(step_ms, 2),
             "first_lora_step_ms": round(first_ms, 2),
