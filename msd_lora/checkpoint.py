@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from msd_lora.io_utils import atomic_write
+from msd_lora.io_utils import atomic_write, read_safetensors
 from msd_lora.lora.keys import LoraWeights, from_tensors, to_tensors
 
 RESUME_FORMAT = "msd_lora.resume/1"
@@ -43,18 +43,8 @@ def save_resume(path: str | Path, state: ResumeState) -> None:
 
 
 def load_resume(path: str | Path) -> ResumeState:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.numpy import load_file
-
     path = Path(path)
-    if not path.is_file():
-        raise ResumeError(f"resume file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ResumeError(f"resume file {path} is unreadable ({err})") from None
+    tensors, meta = read_safetensors(path, ResumeError, "resume file")
     if meta.get("format") != RESUME_FORMAT:
         raise ResumeError(f"{path} is not an msd-lora resume file (format {meta.get('format')!r}, "
                           f"expected {RESUME_FORMAT!r})")

@@ -47,3 +47,20 @@ def ensure_writable_dir(path: str | Path, what: str = "output_path") -> Path:
         raise PermissionError(f"{what} '{path}' is not writable ({err.strerror}); "
                               f"choose another folder with --{what}") from None
     return path
+
+
+def read_safetensors(path: str | Path, error: type[Exception], what: str) -> tuple[dict, dict[str, str]]:
+    """(numpy tensors, metadata) of a safetensors file; `error(...)` names the file when it is missing or broken."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        raise error(f"{what} {path} is not a readable safetensors file ({err}); "
+                    f"it may be truncated or in another format") from None

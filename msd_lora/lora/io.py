@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msd_lora.io_utils import atomic_write
+from msd_lora.io_utils import atomic_write, read_safetensors
 from msd_lora.lora.keys import LoraWeights, from_tensors, split_module_key, to_tensors
 
 FORMAT_VERSION = "1"
@@ -93,20 +93,8 @@ def _alphas_from_metadata(meta: dict[str, str], keys: list[str]) -> dict[str, fl
 
 def load_lora(path: str | Path) -> LoraFile:
     """Read a canonical LoRA file; clear errors for missing, corrupt or non-LoRA files."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise LoraFileError(f"LoRA file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise LoraFileError(f"{path} is not a readable safetensors file ({err}); "
-                            f"it may be truncated or in another format") from None
+    tensors, meta = read_safetensors(path, LoraFileError, "LoRA file")
     try:
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
         weights = from_tensors(tensors, _alphas_from_metadata(meta, modules))

@@ -44,3 +44,21 @@ def test_unwritable_output_path_is_named(tmp_path):
     blocker.write_text("x")
     with pytest.raises(PermissionError, match=r"output_path '.*a_file/run' is not writable"):
         ensure_writable_dir(blocker / "run")
+
+
+def test_resume_file_errors(tmp_path):
+    import numpy as np
+
+    from msd_lora.checkpoint import ResumeError, ResumeState, load_resume, save_resume
+    from msd_lora.lora.io import save_lora
+    from msd_lora.lora.keys import LoraLayer
+
+    lora = {"unet.a.to_q": LoraLayer(np.ones((2, 4), np.float32), np.zeros((4, 2), np.float32), 2.0)}
+    save_resume(tmp_path / "r.safetensors", ResumeState(step=3, lora=lora, scalars={"loss_scale": 8.0}))
+    state = load_resume(tmp_path / "r.safetensors")
+    assert state.step == 3 and state.scalars == {"loss_scale": 8.0} and state.lora["unet.a.to_q"].alpha == 2.0
+    save_lora(tmp_path / "l.safetensors", lora)
+    with pytest.raises(ResumeError, match="is not an msd-lora resume file"):
+        load_resume(tmp_path / "l.safetensors")
+    with pytest.raises(ResumeError, match="resume file .*missing.safetensors does not exist"):
+        load_resume(tmp_path / "missing.safetensors")
