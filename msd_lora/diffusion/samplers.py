@@ -159,7 +159,7 @@ def _dpm_solver_pp(
     levels = np.append(_ve_sigma(schedule.alphas_cumprod[ts]), 0.0)
     prev_x0, prev_lambda = None, None
     for i, t in enumerate(ts):
-        s, s_next = levels[i], levels[i + 1]
+        s, s_next = float(levels[i]), float(levels[i + 1])  # python floats: numpy scalars hijack Tensor maths
         alpha, sigma = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
         x0, _ = _x0_and_eps(model_fn(x, int(t)), x, alpha, sigma, schedule.prediction_type)
         lam = -math.log(s)
