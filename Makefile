@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= torch,eval,dev
-STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+EXTRAS ?= torch,mindspore,eval,dev
 comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 DEMO_OUT ?= output/demo
 BACKEND ?= torch
 

@@ -23,7 +23,7 @@ from msd_lora.lora.io import save_lora
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
 from msd_lora.lr_schedule import learning_rate
 from msd_lora.models.model_config import load_model_config
-from msd_lora.models.pretrained import PromptTokenizer, check_model_folder
+from msd_lora.models.pretrained import PromptTokenizer, load_pretrained
 from msd_lora.sample import SamplingSettings, generate, image_grid, save_png
 from msd_lora.train_log import TrainLog
 
@@ -59,14 +59,14 @@ class Trainer:
         self.output = ensure_writable_dir(cfg.output_path)
         self.model_config = load_model_config(cfg.model_config)
         self.schedule: NoiseSchedule = self.model_config.noise_schedule()
-        model_path = check_model_folder(cfg.pretrained_model_path)
+        pretrained = load_pretrained(cfg.pretrained_model_path)
         self.dataset = CaptionedImageDataset(cfg.data_path, cfg.image_size, random_crop=cfg.random_crop,
                                              flip=cfg.flip)
         self.order = BatchOrder(len(self.dataset), cfg.train_batch_size, cfg.seed)
-        self.tokenizer = PromptTokenizer(model_path)
+        self.tokenizer = PromptTokenizer(pretrained.tokenizer_dir)
         self.backend = backend or get_backend(cfg.backend, device=cfg.device, mixed_precision=cfg.mixed_precision,
                                               mode=cfg.mode)
-        self.info: ModelInfo = self.backend.load_model(str(model_path), self.model_config.prediction_type)
+        self.info: ModelInfo = self.backend.load_model(pretrained, self.model_config.prediction_type)
         if cfg.image_size % self.info.vae_scale_factor:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of the VAE's downscale factor "
                              f"{self.info.vae_scale_factor}")

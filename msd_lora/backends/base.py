@@ -13,6 +13,7 @@ import numpy as np
 
 from msd_lora.lora.keys import LoraWeights
 from msd_lora.lora.spec import LoraSpec
+from msd_lora.models.pretrained import PretrainedModel
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ class Backend(ABC):
 
     # --- model -------------------------------------------------------------------------------
     @abstractmethod
-    def load_model(self, model_path: str, prediction_type: str) -> ModelInfo: ...
+    def load_model(self, model: PretrainedModel, prediction_type: str) -> ModelInfo:
+        """Build the networks from `model.configs` and fill them strictly from `model.state` (taken, not copied)."""
 
     @abstractmethod
     def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
@@ -153,5 +155,7 @@ def get_backend(name: str, **options: Any) -> Backend:
 
         return TorchBackend(**options)
     if name == "mindspore":
-        raise NotImplementedError("the MindSpore backend is not available in this version; use backend: torch")
+        from msd_lora.backends.mindspore.backend import MindSporeBackend
+
+        return MindSporeBackend(**options)
     raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'mindspore'")

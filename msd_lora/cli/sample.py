@@ -81,19 +81,19 @@ def run(args: argparse.Namespace) -> Path:
     from msd_lora.io_utils import ensure_writable_dir
     from msd_lora.lora.io import load_lora
     from msd_lora.models.model_config import load_model_config
-    from msd_lora.models.pretrained import PromptTokenizer, check_model_folder
+    from msd_lora.models.pretrained import PromptTokenizer, load_pretrained
     from msd_lora.sample import SamplingSettings, generate, image_grid, merge_loras, save_png
 
     prompts, loras = read_prompts(args), lora_pairs(args)
     out = ensure_writable_dir(args.output_path, "output_path")
     model_cfg = load_model_config(args.model_config)
-    model_path = check_model_folder(args.pretrained_model_path)
+    pretrained = load_pretrained(args.pretrained_model_path)
     loaded = [(load_lora(path).weights, scale, path) for path, scale in loras]
     backend = get_backend(args.backend, device=args.device)
-    info = backend.load_model(str(model_path), model_cfg.prediction_type)
+    info = backend.load_model(pretrained, model_cfg.prediction_type)
     if loaded:
         merge_loras(backend, loaded)
-    tokenizer, schedule = PromptTokenizer(model_path), model_cfg.noise_schedule()
+    tokenizer, schedule = PromptTokenizer(pretrained.tokenizer_dir), model_cfg.noise_schedule()
     settings = SamplingSettings(sampler=args.sampler, steps=args.sampling_steps, guidance_scale=args.scale,
                                 negative_prompt=args.negative_prompt, height=args.H or model_cfg.image_size,
                                 width=args.W or model_cfg.image_size, seed=args.seed)

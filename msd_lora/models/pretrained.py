@@ -1,6 +1,17 @@
-"""Locate and check a pretrained Stable Diffusion folder (diffusers layout) before any backend loads it."""
+"""A pretrained Stable Diffusion base model as both backends take it: configs plus diffusers-named numpy weights.
+
+    model = load_pretrained("msd_lora/assets/tiny_sd")
+    model.configs["unet"]        # UNet2DConditionModel config (diffusers' keys)
+    model.state["unet"]          # {"conv_in.weight": ndarray, ...} with diffusers' parameter names
+    model.tokenizer_dir          # a folder transformers.CLIPTokenizer loads
+
+Backends build their networks (diffusers/transformers on torch, mindone's ports on MindSpore) from
+`configs` and fill them from `state`, so one file on disk initialises either backend identically.
+"""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +39,52 @@ def check_model_folder(path: str | Path) -> Path:
     return path
 
 
-class PromptTokenizer:
-    """CLIP tokenizer of a model folder, returning fixed-length numpy ids both backends take."""
+NETWORKS = ("unet", "vae", "text_encoder")
 
-    def __init__(self, model_path: str | Path):
+
+@dataclass
+class PretrainedModel:
+    """Configs and weights of one SD base model, independent of any framework."""
+
+    source: str  # the path it was read from
+    configs: dict[str, dict]  # network -> diffusers / transformers config dict
+    state: dict[str, dict[str, np.ndarray]]  # network -> diffusers-named weights
+    tokenizer_dir: Path  # a folder CLIPTokenizer loads (vocab.json, merges.txt, tokenizer_config.json)
+    metadata: dict[str, str] = field(default_factory=dict)  # e.g. detected version
+
+    def take_state(self, network: str) -> dict[str, np.ndarray]:
+        """The network's weights, dropped from this object so a backend's copy is the only one kept."""
+        return self.state.pop(network)
+
+
+def _read_config(folder: Path, network: str) -> dict:
+    path = folder / network / "config.json"
+    if not path.is_file():
+        raise PretrainedModelError(f"{path} is missing: every network folder of a diffusers model has a config.json")
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def load_diffusers_folder(path: str | Path) -> PretrainedModel:
+    """A diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/), safetensors weights only."""
+    folder = check_model_folder(path)
+    configs = {n: _read_config(folder, n) for n in NETWORKS}
+    state = {n: read_component_state(folder, n) for n in NETWORKS}
+    return PretrainedModel(source=str(folder), configs=configs, state=state, tokenizer_dir=folder / "tokenizer",
+                           metadata={"format": "diffusers"})
+
+
+def load_pretrained(path: str | Path) -> PretrainedModel:
+    """Read `pretrained_model_path` into configs + numpy weights."""
+    return load_diffusers_folder(path)
+
+
+class PromptTokenizer:
+    """CLIP tokenizer of a model, returning fixed-length numpy ids both backends take."""
+
+    def __init__(self, tokenizer_dir: str | Path):
         from transformers import CLIPTokenizer
 
-        self._tok = CLIPTokenizer.from_pretrained(str(Path(model_path) / "tokenizer"), local_files_only=True)
+        self._tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self.max_length = int(self._tok.model_max_length)
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
@@ -52,8 +102,6 @@ WEIGHT_FILES = {  # component -> file stems diffusers / transformers write
 
 def component_weight_files(folder: str | Path, component: str) -> list[Path]:
     """The safetensors file(s) of one component: single, fp16 variant, or sharded with an index."""
-    import json
-
     sub = Path(folder) / component
     stem = WEIGHT_FILES[component]
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):

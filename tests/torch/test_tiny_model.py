@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.data.synthetic import COLOURS, SHAPES, describe_colours
+from msd_lora.models.pretrained import load_pretrained
 from tests.conftest import REPO
 
 
@@ -20,8 +21,8 @@ def test_samples_follow_the_prompted_colours(tiny_model):
 
     schedule = load_model_config(REPO / "configs/model/tiny.yaml").noise_schedule()
     backend = TorchBackend(device="cpu")
-    info = backend.load_model(str(tiny_model), "epsilon")
-    tokenizer = PromptTokenizer(tiny_model)
+    info = backend.load_model(load_pretrained(tiny_model), "epsilon")
+    tokenizer = PromptTokenizer(tiny_model / "tokenizer")
     settings = SamplingSettings(steps=20, guidance_scale=5.0, height=32, width=32, seed=123)
     names = list(COLOURS)
     shape_hits = background_hits = total = 0

@@ -9,6 +9,7 @@ from msd_lora.data.dataset import DatasetError
 from msd_lora.data.synthetic import style_distance
 from msd_lora.lora.io import load_lora, save_lora
 from msd_lora.lora.spec import LoraSpecError
+from msd_lora.models.pretrained import load_pretrained
 from msd_lora.train import Trainer
 from tests.conftest import REPO, tiny_args
 
@@ -67,14 +68,15 @@ def test_lora_samples_are_closer_to_the_target_style(trained, tiny_model):
     reference = [np.asarray(Image.open(p)) for p in trainer.dataset.image_paths]
     settings = SamplingSettings(steps=25, guidance_scale=7.5, height=32, width=32, seed=0)  # the demo's settings
     prompts = (REPO / "configs/prompts/tiny_sks.txt").read_text().splitlines()
+    tokenizer = PromptTokenizer(tiny_model / "tokenizer")
 
     def distance(with_lora: bool) -> float:
         backend = TorchBackend(device="cpu")
-        info = backend.load_model(str(tiny_model), "epsilon")
+        info = backend.load_model(load_pretrained(tiny_model), "epsilon")
         if with_lora:
             merge_loras(backend, [(load_lora(result.lora_path).weights, 1.0, "trained")])
         images = [im for i, p in enumerate(prompts)
-                  for im in generate(backend, info, PromptTokenizer(tiny_model), trainer.schedule, p, 4, settings, i)]
+                  for im in generate(backend, info, tokenizer, trainer.schedule, p, 4, settings, i)]
         return style_distance(images, reference)
 
     base, lora = distance(False), distance(True)
@@ -150,7 +152,7 @@ def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
     from msd_lora.sample import merge_loras
 
     ours = TorchBackend(device="cpu")
-    ours.load_model(str(tiny_model), "epsilon")
+    ours.load_model(load_pretrained(tiny_model), "epsilon")
     spec = LoraSpec(rank=4, alpha=8.0, targets={"unet": ("to_q", "to_k", "to_v", "to_out.0"),
                                                 "text_encoder": ("q_proj", "v_proj")})
     shapes = ours.linear_shapes()
@@ -183,7 +185,7 @@ def test_lora_for_another_model_names_keys_and_shapes(tmp_path, tiny_model):
     from msd_lora.sample import merge_loras
 
     backend = TorchBackend(device="cpu")
-    backend.load_model(str(tiny_model), "epsilon")
+    backend.load_model(load_pretrained(tiny_model), "epsilon")
     name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     alien = {name: LoraLayer(np.zeros((4, 320), np.float32), np.zeros((320, 4), np.float32), 4.0),
              "unet.down_blocks.3.attentions.0.transformer_blocks.0.attn2.to_k":

@@ -13,6 +13,8 @@ from msd_lora.backends.torch import lora as torch_lora
 from msd_lora.diffusion.schedule import add_noise, training_target
 from msd_lora.lora.keys import LoraWeights
 from msd_lora.lora.spec import LoraSpec
+from msd_lora.models.pretrained import PretrainedModel
+from msd_lora.models.state_check import check_state_fits
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -23,6 +25,18 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device '{device}' was asked for, but torch sees no CUDA GPU; use device: cpu")
     return torch.device(device)
+
+
+def build_network(name: str, build, config: dict, state: dict[str, np.ndarray], source: str) -> torch.nn.Module:
+    """Construct a network without random init (its weights come next) and fill it strictly from `state`."""
+    from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        module = build(config)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_state_fits(state, expected, f"{source} ({name})", f"the torch {name}")
+    module.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True)
+    return module
 
 
 class TorchBackend(Backend):
@@ -44,22 +58,24 @@ class TorchBackend(Backend):
         self.ema: list[torch.Tensor] | None = None
 
     # --- model -------------------------------------------------------------------------------
-    def load_model(self, model_path: str, prediction_type: str) -> ModelInfo:
+    def load_model(self, model: PretrainedModel, prediction_type: str) -> ModelInfo:
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel
 
-        kw = {"local_files_only": True}
-        self.unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **kw)
-        self.vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", **kw)
-        self.text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", **kw)
-        for module in (self.unet, self.vae, self.text_encoder):
+        builders = {"unet": lambda c: UNet2DConditionModel.from_config(c),
+                    "vae": lambda c: AutoencoderKL.from_config(c),
+                    "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**c))}
+        networks = {name: build_network(name, builders[name], model.configs[name], model.take_state(name),
+                                        model.source) for name in builders}
+        for module in networks.values():
             module.to(self.device).eval().requires_grad_(False)
+        self.unet, self.vae, self.text_encoder = networks["unet"], networks["vae"], networks["text_encoder"]
         self.components = {"unet": self.unet, "text_encoder": self.text_encoder}
         self.prediction_type = prediction_type
         self.scaling_factor = float(self.vae.config.scaling_factor)
         return ModelInfo(latent_channels=int(self.vae.config.latent_channels),
                          vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1),
-                         scaling_factor=self.scaling_factor, base_model=str(model_path))
+                         scaling_factor=self.scaling_factor, base_model=model.source)
 
     def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
         return {c: {n: (m.out_features, m.in_features) for n, m in model.named_modules()

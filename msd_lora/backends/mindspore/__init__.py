@@ -1,0 +1,1 @@
+"""MindSpore backend: mindone's Stable Diffusion networks, LoRA, train step and sampling."""

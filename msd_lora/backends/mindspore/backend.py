@@ -1,0 +1,223 @@
+"""MindSpore backend: mindone's SD networks, our LoRA cells, a graph-compiled train step with loss scaling."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("MS_ASCEND_CHECK_OVERFLOW_MODE", "INFNAN_MODE")  # before MindSpore initialises a device
+
+import mindspore as ms  # noqa: E402
+from mindspore import Tensor, mint, nn, ops  # noqa: E402
+
+from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, StepResult  # noqa: E402
+from msd_lora.backends.mindspore import lora as ms_lora  # noqa: E402
+from msd_lora.backends.mindspore.kernels import apply_cpu_kernel_substitutes  # noqa: E402
+from msd_lora.backends.mindspore.models import build_networks, load_state, named_parameters  # noqa: E402
+from msd_lora.backends.mindspore.step import DiffusionLoss, TrainStep  # noqa: E402
+from msd_lora.lora.keys import LoraWeights  # noqa: E402
+from msd_lora.lora.spec import LoraSpec  # noqa: E402
+from msd_lora.models.pretrained import PretrainedModel  # noqa: E402
+
+DEVICE_TARGETS = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend"}
+
+
+def configure_context(mode: int, device: str) -> str:
+    """Set the execution mode and device target once per process; substitute missing CPU kernels."""
+    if device != "auto":
+        if device.lower() not in DEVICE_TARGETS:
+            raise ValueError(f"device '{device}' is not a MindSpore target; use auto, cpu, gpu or ascend")
+        ms.set_device(DEVICE_TARGETS[device.lower()])
+    ms.set_context(mode=ms.GRAPH_MODE if mode == 0 else ms.PYNATIVE_MODE)
+    apply_cpu_kernel_substitutes()
+    return ms.get_context("device_target")
+
+
+class _TextEncode(nn.Cell):
+    def __init__(self, text_encoder):
+        super().__init__(auto_prefix=False)
+        self.text_encoder = text_encoder
+
+    def construct(self, token_ids):
+        return self.text_encoder(token_ids)[0]
+
+
+class _Denoise(nn.Cell):
+    def __init__(self, unet):
+        super().__init__(auto_prefix=False)
+        self.unet = unet
+
+    def construct(self, latents, timesteps, context):
+        return self.unet(latents, timesteps, context)[0]
+
+
+class _EncodeLatents(nn.Cell):
+    """Sample of the VAE posterior with given noise, times the scaling factor."""
+
+    def __init__(self, vae, scaling_factor: float):
+        super().__init__(auto_prefix=False)
+        self.vae, self.scaling_factor = vae, scaling_factor
+
+    def construct(self, pixels, posterior_noise):
+        moments = self.vae.encode(pixels)[0]
+        channels = moments.shape[1] // 2
+        mean, logvar = moments[:, :channels], ops.clamp(moments[:, channels:], -30.0, 20.0)
+        return (mean + mint.exp(0.5 * logvar) * posterior_noise) * self.scaling_factor
+
+
+class _Decode(nn.Cell):
+    def __init__(self, vae, scaling_factor: float):
+        super().__init__(auto_prefix=False)
+        self.vae, self.scaling_factor = vae, scaling_factor
+
+    def construct(self, latents):
+        return self.vae.decode(latents / self.scaling_factor)[0]
+
+
+class MindSporeBackend(Backend):
+    name = "mindspore"
+
+    def __init__(self, mode: int = 0, device: str = "auto", enable_flash_attention: bool = False, **_: Any):
+        self.device_target = configure_context(mode, device)
+        if enable_flash_attention and self.device_target != "Ascend":
+            raise ValueError(f"enable_flash_attention needs Ascend; this run's device target is "
+                             f"{self.device_target}. Set enable_flash_attention: False")
+        self.components: dict[str, nn.Cell] = {}
+        self.lora_cells: dict[str, ms_lora.LoraLinear] = {}
+        self.alpha = 1.0
+        self.step: TrainStep | None = None
+
+    # --- model -------------------------------------------------------------------------------
+    def load_model(self, model: PretrainedModel, prediction_type: str) -> ModelInfo:
+        networks = build_networks(model.configs)
+        for component, network in networks.items():
+            load_state(component, network, model.take_state(component), f"{model.source} ({component})")
+            network.set_train(False)
+            for param in network.get_parameters():
+                param.requires_grad = False
+        self.unet, self.vae, self.text_encoder = networks["unet"], networks["vae"], networks["text_encoder"]
+        self.components = {"unet": self.unet, "text_encoder": self.text_encoder}
+        self.prediction_type = prediction_type
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self._text = _TextEncode(self.text_encoder)
+        self._denoise = _Denoise(self.unet)
+        self._encode = _EncodeLatents(self.vae, self.scaling_factor)
+        self._decode = _Decode(self.vae, self.scaling_factor)
+        self._loss = DiffusionLoss(self.unet, self.text_encoder, prediction_type)
+        return ModelInfo(latent_channels=int(self.vae.config.latent_channels),
+                         vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1),
+                         scaling_factor=self.scaling_factor, base_model=model.source)
+
+    def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
+        return {c: {n: tuple(cell.weight.shape) for n, cell in model.cells_and_names()
+                    if isinstance(cell, (mint.nn.Linear, nn.Dense))} for c, model in self.components.items()}
+
+    def _base_params(self) -> dict[str, ms.Parameter]:
+        return {f"{c}.{n}": p for c, model in self.components.items() for n, p in named_parameters(c, model).items()}
+
+    def base_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self._base_params().items()}
+
+    def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        params = self._base_params()
+        return {n: params[n].asnumpy().copy() for n in (names or params)}
+
+    def set_base_weights(self, values: dict[str, np.ndarray]) -> None:
+        params = self._base_params()
+        for name, value in values.items():
+            if tuple(params[name].shape) != tuple(value.shape):
+                raise ValueError(f"{name}: shape {value.shape} does not fit {tuple(params[name].shape)}")
+            params[name].set_data(Tensor(np.asarray(value, np.float32)))
+
+    # --- LoRA --------------------------------------------------------------------------------
+    def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
+        self.alpha = spec.alpha
+        for component, names in targets.items():
+            self.lora_cells.update(ms_lora.inject(self.components[component], component, names, spec))
+        lora_params = [p for _, p in self._lora_items()]
+        for param in lora_params:
+            param.requires_grad = True
+        trainable = [p for m in (self.unet, self.text_encoder, self.vae) for p in m.trainable_params()]
+        assert len(trainable) == len(lora_params), (
+            f"only the {len(lora_params)} LoRA parameters may be trainable, found {len(trainable)}")
+        self.set_lora_weights(init)
+
+    def _lora_items(self) -> list[tuple[str, ms.Parameter]]:
+        """(canonical tensor key, parameter): MindSpore may rename parameters, our keys stay."""
+        return [item for key, cell in self.lora_cells.items()
+                for item in ((f"{key}.lora_A.weight", cell.lora_down), (f"{key}.lora_B.weight", cell.lora_up))]
+
+    def lora_weights(self, ema: bool = False) -> LoraWeights:
+        weights = ms_lora.read_weights(self.lora_cells, self.alpha)
+        if ema and self.step is not None and self.step.use_ema:
+            averages = {p.name[len("ema."):]: p.asnumpy().copy() for p in self.step.ema}  # named by our keys
+            for key, layer in weights.items():
+                layer.down, layer.up = averages[f"{key}.lora_A.weight"], averages[f"{key}.lora_B.weight"]
+        return weights
+
+    def set_lora_weights(self, weights: LoraWeights) -> None:
+        ms_lora.write_weights(self.lora_cells, weights)
+
+    # --- training ----------------------------------------------------------------------------
+    def configure_training(self, settings: OptimizerSettings) -> None:
+        items = self._lora_items()
+        self.step = TrainStep(self._loss, [p for _, p in items], [k for k, _ in items], settings)
+
+    def _inputs(self, batch: StepBatch) -> tuple[Tensor, ...]:
+        latents = self._encode(Tensor(batch.pixels), Tensor(batch.posterior_noise))
+        return (latents, Tensor(batch.token_ids), Tensor(batch.noise), Tensor(batch.timesteps),
+                Tensor(batch.sqrt_alpha.reshape(-1, 1, 1, 1)), Tensor(batch.sqrt_one_minus_alpha.reshape(-1, 1, 1, 1)))
+
+    def eval_loss(self, batch: StepBatch) -> float:
+        return float(self._loss(*self._inputs(batch)).asnumpy())
+
+    def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        items = self._lora_items()
+        grad_fn = ms.value_and_grad(self._loss, None, ms.ParameterTuple([p for _, p in items]))
+        _, grads = grad_fn(*self._inputs(batch))
+        return {k: g.asnumpy() for (k, _), g in zip(items, grads)}
+
+    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
+        loss, finite, norm, scale = self.step(*self._inputs(batch), Tensor(1.0 / accumulation, ms.float32),
+                                              Tensor(lr, ms.float32), update)
+        finite = bool(finite.asnumpy())
+        return StepResult(loss=float(loss.asnumpy()), updated=update and finite, overflow=update and not finite,
+                          grad_norm=float(norm.asnumpy()) if update else None, loss_scale=float(scale.asnumpy()))
+
+    def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        opt = self.step.optimizer
+        arrays = {p.name: p.asnumpy().copy() for p in (*opt.exp_avg, *opt.exp_avg_sq, *self.step.ema)}
+        scalars = {"optimizer_step": int(opt.step.asnumpy()), "loss_scale": float(self.step.loss_scale.asnumpy()),
+                   "scaler_growth_tracker": int(self.step.good_steps.asnumpy())}
+        return arrays, scalars
+
+    def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        opt = self.step.optimizer
+        for param in (*opt.exp_avg, *opt.exp_avg_sq, *self.step.ema):
+            if param.name in arrays:
+                param.set_data(Tensor(arrays[param.name]))
+        opt.step.set_data(Tensor(float(scalars.get("optimizer_step", 0)), ms.float32))
+        self.step.loss_scale.set_data(Tensor(float(scalars.get("loss_scale", self.step.loss_scale.asnumpy())),
+                                             ms.float32))
+        self.step.good_steps.set_data(Tensor(int(scalars.get("scaler_growth_tracker", 0)), ms.int32))
+
+    # --- sampling ----------------------------------------------------------------------------
+    def encode_prompts(self, token_ids: np.ndarray) -> Tensor:
+        return self._text(Tensor(token_ids))
+
+    def denoise(self, latents: Tensor, t: float, contexts: list[Tensor]) -> list[Tensor]:
+        n, k = latents.shape[0], len(contexts)
+        x = ops.cat([latents] * k) if k > 1 else latents
+        context = ops.cat(contexts) if k > 1 else contexts[0]
+        dtype = ms.int64 if float(t).is_integer() else ms.float32
+        pred = self._denoise(x, Tensor(np.full((n * k,), t)).astype(dtype), context)
+        return [pred[i * n:(i + 1) * n] for i in range(k)]
+
+    def decode(self, latents: Tensor) -> np.ndarray:
+        images = self._decode(latents).asnumpy()
+        images = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
+        return images.transpose(0, 2, 3, 1)
+
+    def tensor(self, array: np.ndarray) -> Tensor:
+        return Tensor(np.ascontiguousarray(array))

@@ -1,0 +1,78 @@
+"""LoRA cells for MindSpore: the network's own linear layer, held not copied, plus down/up weights.
+
+`y = base(x) + (alpha / r) * (x @ A^T) @ B^T`; with `fp16` the two LoRA matmuls run in float16 while the
+master A/B stay float32 (the optimizer updates them in float32). MindSpore re-prefixes parameter names when
+cells are re-parented, so the backend tracks LoRA weights by canonical key, never by `Parameter.name`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from msd_lora.lora.keys import LoraLayer, LoraWeights, module_key
+from msd_lora.lora.spec import LoraSpec
+
+
+class LoraLinear(nn.Cell):
+    def __init__(self, base: nn.Cell, rank: int, alpha: float, fp16: bool, key: str):
+        super().__init__(auto_prefix=False)
+        out_features, in_features = base.weight.shape
+        self.base = base
+        self.lora_down = Parameter(Tensor(np.zeros((rank, in_features), np.float32)), name=f"{key}.lora_A.weight")
+        self.lora_up = Parameter(Tensor(np.zeros((out_features, rank), np.float32)), name=f"{key}.lora_B.weight")
+        self.scale = alpha / rank
+        self.compute_dtype = ms.float16 if fp16 else ms.float32
+
+    def construct(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        dtype = self.compute_dtype
+        h = ops.matmul(x.astype(dtype), self.lora_down.astype(dtype).T)
+        h = ops.matmul(h, self.lora_up.astype(dtype).T) * self.scale
+        return y + h.astype(y.dtype)
+
+
+def _cells_by_name(root: nn.Cell) -> dict[str, nn.Cell]:
+    return dict(root.cells_and_names())
+
+
+def inject(root: nn.Cell, component: str, module_names: list[str], spec: LoraSpec) -> dict[str, LoraLinear]:
+    """Replace each named linear cell of `root` by a LoraLinear around it; return canonical key -> cell."""
+    cells = _cells_by_name(root)
+    injected = {}
+    for name in module_names:
+        parent_name, _, child = name.rpartition(".")
+        parent = cells[parent_name] if parent_name else root
+        key = module_key(component, name)
+        base_names = {id(p): p.name for p in cells[name].get_parameters()}
+        wrapper = LoraLinear(cells[name], spec.rank, spec.alpha, spec.fp16, key)
+        if isinstance(parent, (nn.CellList, nn.SequentialCell)):
+            parent[int(child)] = wrapper
+        else:
+            setattr(parent, child, wrapper)
+        injected[key] = (wrapper, base_names)
+    for key, (cell, base_names) in injected.items():
+        # re-parenting renamed the parameters after the attribute alone ('to_q.base.weight'), which collide
+        # across blocks: keep the base layer's own names and give the LoRA weights their canonical keys
+        for param in cell.base.get_parameters():
+            param.name = base_names[id(param)]
+        cell.lora_down.name, cell.lora_up.name = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+    return {key: cell for key, (cell, _) in injected.items()}
+
+
+def read_weights(cells: dict[str, LoraLinear], alpha: float) -> LoraWeights:
+    return {k: LoraLayer(down=c.lora_down.asnumpy().copy(), up=c.lora_up.asnumpy().copy(), alpha=alpha)
+            for k, c in cells.items()}
+
+
+def write_weights(cells: dict[str, LoraLinear], weights: LoraWeights) -> None:
+    if set(weights) != set(cells):
+        extra, missing = sorted(set(weights) - set(cells)), sorted(set(cells) - set(weights))
+        raise ValueError(f"LoRA layers differ from the model's: {len(missing)} missing (e.g. {missing[:2]}), "
+                         f"{len(extra)} unexpected (e.g. {extra[:2]})")
+    for key, layer in weights.items():
+        cell = cells[key]
+        for param, value in ((cell.lora_down, layer.down), (cell.lora_up, layer.up)):
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(f"{param.name}: shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
+            param.set_data(Tensor(np.asarray(value, np.float32)))
