@@ -45,11 +45,14 @@ OPTIONS: dict[str, Option] = {
     "mode": _opt(0, int, "MindSpore execution mode: 0 graph, 1 pynative", choices=(0, 1)),
     "device": _opt("auto", str, "torch device: auto (cuda when present), cpu, cuda, cuda:N"),
     "mixed_precision": _opt("no", str, "torch autocast on CUDA", choices=("no", "fp16", "bf16")),
+    "enable_flash_attention": _opt(False, bool, "MindSpore on Ascend: flash attention in the UNet (fp16 kernel)"),
     "seed": _opt(3407, int, "seed for LoRA init, data order, noise and timesteps"),
     "use_parallel": _opt(False, bool, "data-parallel training (not available yet; must stay False)"),
     # model and paths
-    "model_config": _opt("configs/model/tiny.yaml", str, "architecture + schedule yaml", path=True),
-    "pretrained_model_path": _opt("msd_lora/assets/tiny_sd", str, "base model: a diffusers folder", path=True),
+    "model_config": _opt("", str, "architecture + schedule yaml; empty = the diffusers folder's own configs, or the "
+                         "SD version detected from a single file's weights", path=True),
+    "pretrained_model_path": _opt("msd_lora/assets/tiny_sd", str, "base model: a diffusers folder, an LDM single "
+                                  "file (.safetensors / .ckpt) or a mindone .ckpt", path=True),
     "data_path": _opt("", str, "dataset folder with img_txt.csv (dir,text)", path=True),
     "output_path": _opt("output/", str, "where checkpoints, logs and samples go", path=True),
     "resume": _opt(False, str, "False, True (output_path/ckpt/train_resume.safetensors) or a resume file"),
@@ -94,6 +97,8 @@ OPTIONS: dict[str, Option] = {
     "lora_ft_text_encoder": _opt(False, bool, "LoRA on the text encoder"),
     "lora_fp16": _opt(False, bool, "MindSpore: LoRA matmuls in float16, float32 master weights"),
     "lora_init": _opt("kaiming", str, "init of lora_A (lora_B starts at zero)", choices=("kaiming", "gaussian")),
+    "init_lora_path": _opt("", str, "start from this LoRA file (diffusers, kohya/A1111 or mindone); its layers must "
+                           "be among the targets, with rank lora_rank", path=True),
     "lora_target_modules": _opt(["to_q", "to_k", "to_v", "to_out.0"], list, "UNet module names for LoRA"),
     "lora_te_target_modules": _opt(["q_proj", "k_proj", "v_proj", "out_proj"], list,
                                    "text-encoder module names for LoRA"),

@@ -52,7 +52,26 @@ def generate(backend: Backend, info: ModelInfo, tokenizer, schedule: NoiseSchedu
         return uncond + settings.guidance_scale * (text - uncond)
 
     latents = samplers.sample(settings.sampler, schedule, model_fn, latents, settings.steps, progress)
-    return backend.decode(latents)
+    return to_uint8_images(backend.decode(latents))
+
+
+def to_uint8_images(images: np.ndarray) -> np.ndarray:
+    """Decoder output (N, 3, H, W) in [-1, 1] -> uint8 pictures (N, H, W, 3), rounded to nearest."""
+    pixels = np.round((np.clip(images.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return pixels.transpose(0, 2, 3, 1)
+
+
+def read_lora_files(pairs: list[tuple[str, float]], configs: dict[str, dict]) -> list[tuple[LoraWeights, float, str]]:
+    """(weights, scale, path) of each LoRA file, any format (diffusers, kohya/A1111, old diffusers, mindone).
+
+    Names are resolved against the model's own module layout (`configs`), so LDM-named and kohya files map
+    onto exactly this model's layers.
+    """
+    from msd_lora.lora.formats import read_lora
+    from msd_lora.lora.module_index import ModuleIndex
+
+    index = ModuleIndex.for_model(configs)
+    return [(read_lora(path, index).weights, float(scale), str(path)) for path, scale in pairs]
 
 
 def merge_loras(backend: Backend, loras: list[tuple[LoraWeights, float, str]]) -> None:

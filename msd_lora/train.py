@@ -19,11 +19,12 @@ from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
 from msd_lora.data.dataset import CaptionedImageDataset
 from msd_lora.diffusion.schedule import NoiseSchedule
 from msd_lora.io_utils import ensure_writable_dir
+from msd_lora.lora.init_from import start_from_file
 from msd_lora.lora.io import save_lora
+from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
 from msd_lora.lr_schedule import learning_rate
-from msd_lora.models.model_config import load_model_config
-from msd_lora.models.pretrained import PromptTokenizer, load_pretrained
+from msd_lora.models.pretrained import PromptTokenizer, load_model
 from msd_lora.sample import SamplingSettings, generate, image_grid, save_png
 from msd_lora.train_log import TrainLog
 
@@ -57,15 +58,18 @@ class Trainer:
         self.cfg = cfg
         self.show_progress = show_progress
         self.output = ensure_writable_dir(cfg.output_path)
-        self.model_config = load_model_config(cfg.model_config)
+        if cfg.init_lora_path and not Path(cfg.init_lora_path).is_file():
+            raise FileNotFoundError(f"init_lora_path {cfg.init_lora_path} does not exist")
+        pretrained, self.model_config = load_model(cfg.pretrained_model_path, cfg.model_config or None)
         self.schedule: NoiseSchedule = self.model_config.noise_schedule()
-        pretrained = load_pretrained(cfg.pretrained_model_path)
+        self.notes = [pretrained.metadata["note"]] if pretrained.metadata.get("note") else []
+        self.module_index = index = ModuleIndex.for_model(pretrained.configs)
         self.dataset = CaptionedImageDataset(cfg.data_path, cfg.image_size, random_crop=cfg.random_crop,
                                              flip=cfg.flip)
         self.order = BatchOrder(len(self.dataset), cfg.train_batch_size, cfg.seed)
         self.tokenizer = PromptTokenizer(pretrained.tokenizer_dir)
         self.backend = backend or get_backend(cfg.backend, device=cfg.device, mixed_precision=cfg.mixed_precision,
-                                              mode=cfg.mode)
+                                              mode=cfg.mode, enable_flash_attention=cfg.enable_flash_attention)
         self.info: ModelInfo = self.backend.load_model(pretrained, self.model_config.prediction_type)
         if cfg.image_size % self.info.vae_scale_factor:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of the VAE's downscale factor "
@@ -73,7 +77,11 @@ class Trainer:
         self.spec = LoraSpec.from_config(cfg)
         shapes = self.backend.linear_shapes()
         targets = select_targets(self.spec, shapes)
-        self.backend.add_lora(self.spec, targets, init_lora_weights(self.spec, targets, shapes, cfg.seed))
+        initial = init_lora_weights(self.spec, targets, shapes, cfg.seed)
+        if cfg.init_lora_path:
+            initial, message = start_from_file(cfg.init_lora_path, initial, self.spec, index)
+            self.notes.append(message)
+        self.backend.add_lora(self.spec, targets, initial)
         self.backend.configure_training(OptimizerSettings.from_config(cfg))
         self.plan = self._plan()
 
@@ -137,8 +145,10 @@ class Trainer:
 
     def save_lora(self, path: Path, step: int) -> Path:
         weights = self.backend.lora_weights(ema=self.cfg.use_ema)
-        return save_lora(path, weights, base_model=self.info.base_model, step=step,
-                         extra={"msd_lora.backend": self.backend.name, "msd_lora.ema": str(self.cfg.use_ema)})
+        extra = {"msd_lora.backend": self.backend.name, "msd_lora.ema": str(self.cfg.use_ema)}
+        if self.cfg.init_lora_path:
+            extra["msd_lora.init_lora"] = str(self.cfg.init_lora_path)
+        return save_lora(path, weights, base_model=self.info.base_model, step=step, extra=extra)
 
     def _checkpoint_due(self, step: int) -> bool:
         interval = self.cfg.ckpt_save_interval
@@ -150,7 +160,7 @@ class Trainer:
     # --- loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         write_config(self.cfg, self.output / "train_config.yaml")
-        messages: list[str] = []
+        messages: list[str] = list(self.notes)
         start, skipped = self._restore(messages.append)
         log = TrainLog(self.output, self.plan.total_steps, start, show_progress=self.show_progress)
         for text in messages:
@@ -180,6 +190,10 @@ class Trainer:
         finally:
             log.close()
         lora_path = self.save_lora(self.output / "lora.safetensors", self.plan.total_steps)
+        native = self.backend.save_native_lora(str(self.output / "lora_mindone.ckpt"),
+                                               self.backend.lora_weights(ema=self.cfg.use_ema), self.module_index)
+        if native:
+            log.message(f"also saved in mindone's LoRA format: {native}")
         self.write_validation_samples()
         return TrainResult(self.output, lora_path, self.plan.total_steps, skipped, loss)
 

@@ -140,12 +140,20 @@ class Backend(ABC):
         """UNet predictions for `latents` under each context, computed in one batched call."""
 
     @abstractmethod
+    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> Any:
+        """Pixels (N, 3, H, W) in [-1, 1] -> latents as the UNet sees them: (mean + std * noise) * scaling factor."""
+
+    @abstractmethod
     def decode(self, latents: Any) -> np.ndarray:
-        """Latents (already divided by nothing: as the UNet sees them) -> uint8 images (N, H, W, 3)."""
+        """Latents as the UNet sees them -> float32 images (N, 3, H, W), nominally in [-1, 1] (not clamped)."""
 
     @abstractmethod
     def tensor(self, array: np.ndarray) -> Any:
         """A numpy array as this backend's tensor on its device."""
+
+    def save_native_lora(self, path: str, weights: LoraWeights, module_index: Any) -> str | None:
+        """Also write the LoRA in this framework's own trainer format (mindone's .ckpt); None when there is none."""
+        return None
 
 
 def get_backend(name: str, **options: Any) -> Backend:

@@ -18,7 +18,6 @@ from msd_lora.config import REPO_ROOT, str_to_bool
 from msd_lora.diffusion.samplers import SAMPLERS
 
 TINY_MODEL = REPO_ROOT / "msd_lora/assets/tiny_sd"
-TINY_CONFIG = REPO_ROOT / "configs/model/tiny.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt text (or use --data_path)")
     p.add_argument("--data_path", default=None, help="a .txt file of prompts, one per line")
     p.add_argument("--negative_prompt", default="", help="prompt to steer away from (classifier-free guidance)")
-    p.add_argument("--pretrained_model_path", default=str(TINY_MODEL), help="base model: a diffusers folder")
-    p.add_argument("--model_config", default=str(TINY_CONFIG), help="architecture + schedule yaml")
+    p.add_argument("--pretrained_model_path", default=str(TINY_MODEL),
+                   help="base model: a diffusers folder, an LDM single file (.safetensors/.ckpt) or a mindone .ckpt")
+    p.add_argument("--model_config", default="",
+                   help="architecture + schedule yaml (default: the diffusers folder's own configs, or the SD "
+                        "version detected from a single file's weights)")
     p.add_argument("--use_lora", type=str_to_bool, default=False, help="merge the LoRA file(s) into the model")
-    p.add_argument("--lora_ckpt_path", action="append", default=[], help="LoRA file; repeat to mix several")
+    p.add_argument("--lora_ckpt_path", action="append", default=[],
+                   help="LoRA file (diffusers, kohya/A1111, mindone; detected); repeat to mix several")
     p.add_argument("--lora_scale", action="append", type=float, default=[],
                    help="strength per LoRA file (default 1.0); W' = W + scale * alpha/r * B@A")
     p.add_argument("--n_samples", type=int, default=4, help="images per batch")
@@ -79,16 +82,15 @@ def run(args: argparse.Namespace) -> Path:
 
     from msd_lora.backends.base import get_backend
     from msd_lora.io_utils import ensure_writable_dir
-    from msd_lora.lora.io import load_lora
-    from msd_lora.models.model_config import load_model_config
-    from msd_lora.models.pretrained import PromptTokenizer, load_pretrained
-    from msd_lora.sample import SamplingSettings, generate, image_grid, merge_loras, save_png
+    from msd_lora.models.pretrained import PromptTokenizer, load_model
+    from msd_lora.sample import SamplingSettings, generate, image_grid, merge_loras, read_lora_files, save_png
 
     prompts, loras = read_prompts(args), lora_pairs(args)
     out = ensure_writable_dir(args.output_path, "output_path")
-    model_cfg = load_model_config(args.model_config)
-    pretrained = load_pretrained(args.pretrained_model_path)
-    loaded = [(load_lora(path).weights, scale, path) for path, scale in loras]
+    pretrained, model_cfg = load_model(args.pretrained_model_path, args.model_config or None)
+    if pretrained.metadata.get("note"):
+        print(f"note: {pretrained.metadata['note']}", file=sys.stderr)
+    loaded = read_lora_files(loras, pretrained.configs)
     backend = get_backend(args.backend, device=args.device)
     info = backend.load_model(pretrained, model_cfg.prediction_type)
     if loaded:

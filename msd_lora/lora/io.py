@@ -31,6 +31,7 @@ class LoraFileError(ValueError):
 class LoraFile:
     weights: LoraWeights
     metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "diffusers"  # the file's format (msd_lora.lora.formats.FORMATS)
 
     @property
     def step(self) -> int | None:
@@ -48,6 +49,25 @@ def _targets(weights: LoraWeights) -> dict[str, list[str]]:
     return {c: sorted(v) for c, v in found.items()}
 
 
+def _most_common(values: list) -> object:
+    return max(sorted(set(values)), key=values.count)
+
+
+def adapter_metadata(weights: LoraWeights) -> dict:
+    """diffusers' `lora_adapter_metadata`: per component r / lora_alpha, with patterns for layers that differ."""
+    adapter: dict = {}
+    for component, leaves in _targets(weights).items():
+        layers = {split_module_key(k)[1]: layer for k, layer in weights.items() if split_module_key(k)[0] == component}
+        rank = _most_common([layer.rank for layer in layers.values()])
+        alpha = _most_common([float(layer.alpha) for layer in layers.values()])
+        adapter.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                        f"{component}.target_modules": leaves,
+                        f"{component}.rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != rank},
+                        f"{component}.alpha_pattern": {m: float(l.alpha) for m, l in layers.items()
+                                                       if float(l.alpha) != alpha}})
+    return adapter
+
+
 def build_metadata(weights: LoraWeights, base_model: str = "", step: int | None = None,
                    extra: dict[str, str] | None = None) -> dict[str, str]:
     ranks = {layer.rank for layer in weights.values()}
@@ -58,14 +78,11 @@ def build_metadata(weights: LoraWeights, base_model: str = "", step: int | None 
     if step is not None:
         meta["msd_lora.step"] = str(step)
     if len(ranks) == 1 and len(alphas) == 1:
-        rank, alpha = ranks.pop(), alphas.pop()
-        meta["msd_lora.rank"], meta["msd_lora.alpha"] = str(rank), repr(alpha)
-        adapter = {}
-        for component, leaves in targets.items():
-            adapter.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
-                            f"{component}.target_modules": leaves, f"{component}.rank_pattern": {},
-                            f"{component}.alpha_pattern": {}})
-        meta["lora_adapter_metadata"] = json.dumps(adapter, sort_keys=True)
+        meta["msd_lora.rank"], meta["msd_lora.alpha"] = str(ranks.pop()), repr(alphas.pop())
+    else:
+        meta["msd_lora.alphas"] = json.dumps({k: float(layer.alpha) for k, layer in sorted(weights.items())})
+    if weights:
+        meta["lora_adapter_metadata"] = json.dumps(adapter_metadata(weights), sort_keys=True)
     meta.update(extra or {})
     return meta
 
@@ -81,13 +98,23 @@ def save_lora(path: str | Path, weights: LoraWeights, base_model: str = "", step
     return Path(path)
 
 
-def _alphas_from_metadata(meta: dict[str, str], keys: list[str]) -> dict[str, float] | None:
+def alphas_from_metadata(meta: dict[str, str], keys: list[str]) -> dict[str, float] | None:
+    """Per-layer alphas a canonical (or diffusers-written) file declares; None when it declares none."""
     if "msd_lora.alpha" in meta:
         return {k: float(meta["msd_lora.alpha"]) for k in keys}
+    if "msd_lora.alphas" in meta:
+        return {k: float(v) for k, v in json.loads(meta["msd_lora.alphas"]).items()}
     if "lora_adapter_metadata" in meta:
         adapter = json.loads(meta["lora_adapter_metadata"])
-        return {k: float(adapter[f"{split_module_key(k)[0]}.lora_alpha"]) for k in keys
-                if f"{split_module_key(k)[0]}.lora_alpha" in adapter}
+        alphas = {}
+        for key in keys:
+            component, module = split_module_key(key)
+            pattern = adapter.get(f"{component}.alpha_pattern") or {}
+            if module in pattern:
+                alphas[key] = float(pattern[module])
+            elif f"{component}.lora_alpha" in adapter:
+                alphas[key] = float(adapter[f"{component}.lora_alpha"])
+        return alphas
     return None
 
 
@@ -97,7 +124,7 @@ def load_lora(path: str | Path) -> LoraFile:
     tensors, meta = read_safetensors(path, LoraFileError, "LoRA file")
     try:
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-        weights = from_tensors(tensors, _alphas_from_metadata(meta, modules))
+        weights = from_tensors(tensors, alphas_from_metadata(meta, modules))
     except KeyError as err:
         raise LoraFileError(f"{path} is not a canonical LoRA file: {err.args[0]}") from None
     if not weights:

@@ -1,6 +1,7 @@
 """Model yamls under configs/model/: the noise schedule, prediction type and architecture of an SD variant."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ class ModelConfig:
     schedule: dict[str, Any]
     architecture: dict[str, dict[str, Any]] = field(default_factory=dict)  # unet / vae / text_encoder / tokenizer
     path: str = ""
+    version: str = ""  # v1 | v2-base | v2-v | tiny | "" (unknown)
+    text_encoder_layout: str = "clip"  # how LDM single files store the text encoder: clip | open_clip
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_config(**self.schedule, prediction_type=self.prediction_type)
@@ -42,6 +45,27 @@ def load_model_config(path: str | Path) -> ModelConfig:
     if raw["prediction_type"] not in ("epsilon", "v_prediction"):
         raise ModelConfigError(f"{path}: prediction_type must be 'epsilon' or 'v_prediction', "
                                f"got {raw['prediction_type']!r}")
+    if raw.get("text_encoder_layout", "clip") not in ("clip", "open_clip"):
+        raise ModelConfigError(f"{path}: text_encoder_layout must be 'clip' or 'open_clip', "
+                               f"got {raw['text_encoder_layout']!r}")
     arch = {k: raw[k] for k in ("unet", "vae", "text_encoder", "tokenizer") if k in raw}
     return ModelConfig(name=raw["name"], image_size=int(raw["image_size"]), prediction_type=raw["prediction_type"],
-                       schedule=dict(raw["schedule"]), architecture=arch, path=str(path))
+                       schedule=dict(raw["schedule"]), architecture=arch, path=str(path),
+                       version=str(raw.get("version", "")), text_encoder_layout=raw.get("text_encoder_layout", "clip"))
+
+
+def model_config_from_folder(folder: str | Path, configs: dict[str, dict]) -> ModelConfig:
+    """The schedule and prediction type a diffusers folder declares (scheduler/scheduler_config.json)."""
+    folder = Path(folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(path.read_text()) if path.is_file() else {}
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+    schedule = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    schedule.update({k: scheduler[k] for k in keys if k in scheduler})
+    factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ModelConfigError(f"{path}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+    return ModelConfig(name=folder.name, image_size=int(configs["unet"]["sample_size"]) * factor,
+                       prediction_type=prediction, schedule=schedule, architecture=dict(configs),
+                       path=str(path), version="")

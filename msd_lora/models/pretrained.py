@@ -1,6 +1,8 @@
 """A pretrained Stable Diffusion base model as both backends take it: configs plus diffusers-named numpy weights.
 
-    model = load_pretrained("msd_lora/assets/tiny_sd")
+    model = load_pretrained("msd_lora/assets/tiny_sd")          # diffusers folder
+    model = load_pretrained("v1-5-pruned-emaonly.safetensors")  # LDM single file (.ckpt too), version detected
+    model = load_pretrained("sd_v1.5-d0ab7146.ckpt")            # mindone (MindSpore) checkpoint
     model.configs["unet"]        # UNet2DConditionModel config (diffusers' keys)
     model.state["unet"]          # {"conv_in.weight": ndarray, ...} with diffusers' parameter names
     model.tokenizer_dir          # a folder transformers.CLIPTokenizer loads
@@ -13,8 +15,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from msd_lora.models.model_config import ModelConfig
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
@@ -28,10 +34,10 @@ def check_model_folder(path: str | Path) -> Path:
     path = Path(path)
     if not str(path) or not path.exists():
         raise PretrainedModelError(f"pretrained_model_path '{path}' does not exist; give a diffusers folder "
-                                   f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/)")
+                                   f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/) or a single-file "
+                                   f"checkpoint (.safetensors / .ckpt)")
     if not path.is_dir():
-        raise PretrainedModelError(f"pretrained_model_path '{path}' is a file; single-file checkpoints are not "
-                                   f"supported yet, give a diffusers folder")
+        raise PretrainedModelError(f"pretrained_model_path '{path}' is a file, not a diffusers folder")
     missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
     if missing:
         raise PretrainedModelError(f"pretrained_model_path '{path}' is not a diffusers Stable Diffusion folder: "
@@ -51,6 +57,7 @@ class PretrainedModel:
     state: dict[str, dict[str, np.ndarray]]  # network -> diffusers-named weights
     tokenizer_dir: Path  # a folder CLIPTokenizer loads (vocab.json, merges.txt, tokenizer_config.json)
     metadata: dict[str, str] = field(default_factory=dict)  # e.g. detected version
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # single-file tensors no network uses (kept on rewrite)
 
     def take_state(self, network: str) -> dict[str, np.ndarray]:
         """The network's weights, dropped from this object so a backend's copy is the only one kept."""
@@ -73,9 +80,37 @@ def load_diffusers_folder(path: str | Path) -> PretrainedModel:
                            metadata={"format": "diffusers"})
 
 
-def load_pretrained(path: str | Path) -> PretrainedModel:
-    """Read `pretrained_model_path` into configs + numpy weights."""
-    return load_diffusers_folder(path)
+def load_pretrained(path: str | Path, model_config: "str | Path | ModelConfig | None" = None,
+                    use_ema: bool = False) -> PretrainedModel:
+    """Read `pretrained_model_path` (diffusers folder, LDM or mindone single file) into configs + numpy weights."""
+    return load_model(path, model_config, use_ema)[0]
+
+
+def load_model(path: str | Path, model_config: "str | Path | ModelConfig | None" = None,
+               use_ema: bool = False) -> "tuple[PretrainedModel, ModelConfig]":
+    """(PretrainedModel, ModelConfig) of any supported base model.
+
+    `model_config` (a yaml path or ModelConfig; empty = detect) gives the schedule and prediction type, and for
+    single files the architecture; without it a diffusers folder describes itself and a single file's
+    version is detected from its weights. A yaml that contradicts the weights is an error that says how.
+    `use_ema` takes the UNet's EMA weights of LDM files that carry both.
+    """
+    from msd_lora.models.model_config import ModelConfig, load_model_config, model_config_from_folder
+    from msd_lora.models.versions import check_folder_fits
+
+    cfg = model_config if isinstance(model_config, ModelConfig) or not model_config else load_model_config(model_config)
+    path = Path(path)
+    if path.is_file():
+        from msd_lora.models.single_file import read_single_file
+
+        return read_single_file(path, cfg or None, use_ema)
+    model = load_diffusers_folder(path)
+    if cfg:
+        check_folder_fits(cfg, model.configs, str(path))
+    else:
+        cfg = model_config_from_folder(path, model.configs)
+    model.metadata["version"] = cfg.version or model.metadata.get("version", "")
+    return model, cfg
 
 
 class PromptTokenizer:
@@ -118,10 +153,13 @@ def component_weight_files(folder: str | Path, component: str) -> list[Path]:
 
 
 def read_component_state(folder: str | Path, component: str) -> dict[str, np.ndarray]:
-    """A component's weights as diffusers/transformers-named numpy arrays (fp16 files stay fp16)."""
-    from safetensors.numpy import load_file
+    """A component's weights as diffusers/transformers-named numpy arrays (memory-mapped; fp16 files stay fp16)."""
+    from msd_lora.models.safetensors_file import SafetensorsError, read_safetensors_lazy
 
     state: dict[str, np.ndarray] = {}
     for path in component_weight_files(folder, component):
-        state.update(load_file(str(path)))
+        try:
+            state.update(read_safetensors_lazy(path)[0])
+        except SafetensorsError as err:
+            raise PretrainedModelError(str(err)) from None
     return state

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBa
 from msd_lora.backends.mindspore import lora as ms_lora  # noqa: E402
 from msd_lora.backends.mindspore.kernels import apply_cpu_kernel_substitutes  # noqa: E402
 from msd_lora.backends.mindspore.models import build_networks, load_state, named_parameters  # noqa: E402
-from msd_lora.backends.mindspore.step import DiffusionLoss, TrainStep  # noqa: E402
+from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeLatents, FlatLayout, TrainStep  # noqa: E402
 from msd_lora.lora.keys import LoraWeights  # noqa: E402
 from msd_lora.lora.spec import LoraSpec  # noqa: E402
 from msd_lora.models.pretrained import PretrainedModel  # noqa: E402
@@ -28,7 +29,9 @@ def configure_context(mode: int, device: str) -> str:
     if device != "auto":
         if device.lower() not in DEVICE_TARGETS:
             raise ValueError(f"device '{device}' is not a MindSpore target; use auto, cpu, gpu or ascend")
-        ms.set_device(DEVICE_TARGETS[device.lower()])
+        target = DEVICE_TARGETS[device.lower()]
+        if target != ms.get_context("device_target"):  # MindSpore takes the device once, before it first runs
+            ms.set_device(target)
     ms.set_context(mode=ms.GRAPH_MODE if mode == 0 else ms.PYNATIVE_MODE)
     apply_cpu_kernel_substitutes()
     return ms.get_context("device_target")
@@ -52,20 +55,6 @@ class _Denoise(nn.Cell):
         return self.unet(latents, timesteps, context)[0]
 
 
-class _EncodeLatents(nn.Cell):
-    """Sample of the VAE posterior with given noise, times the scaling factor."""
-
-    def __init__(self, vae, scaling_factor: float):
-        super().__init__(auto_prefix=False)
-        self.vae, self.scaling_factor = vae, scaling_factor
-
-    def construct(self, pixels, posterior_noise):
-        moments = self.vae.encode(pixels)[0]
-        channels = moments.shape[1] // 2
-        mean, logvar = moments[:, :channels], ops.clamp(moments[:, channels:], -30.0, 20.0)
-        return (mean + mint.exp(0.5 * logvar) * posterior_noise) * self.scaling_factor
-
-
 class _Decode(nn.Cell):
     def __init__(self, vae, scaling_factor: float):
         super().__init__(auto_prefix=False)
@@ -81,12 +70,15 @@ class MindSporeBackend(Backend):
     def __init__(self, mode: int = 0, device: str = "auto", enable_flash_attention: bool = False, **_: Any):
         self.device_target = configure_context(mode, device)
         if enable_flash_attention and self.device_target != "Ascend":
-            raise ValueError(f"enable_flash_attention needs Ascend; this run's device target is "
-                             f"{self.device_target}. Set enable_flash_attention: False")
+            raise ValueError(f"enable_flash_attention needs Ascend (MindSpore's flash-attention kernel exists only "
+                             f"there); this run's device target is {self.device_target}. Set "
+                             f"enable_flash_attention: False")
+        self.flash_attention = enable_flash_attention
         self.components: dict[str, nn.Cell] = {}
         self.lora_cells: dict[str, ms_lora.LoraLinear] = {}
         self.alpha = 1.0
         self.step: TrainStep | None = None
+        self._grad_fn = None
 
     # --- model -------------------------------------------------------------------------------
     def load_model(self, model: PretrainedModel, prediction_type: str) -> ModelInfo:
@@ -97,17 +89,25 @@ class MindSporeBackend(Backend):
             for param in network.get_parameters():
                 param.requires_grad = False
         self.unet, self.vae, self.text_encoder = networks["unet"], networks["vae"], networks["text_encoder"]
+        if self.flash_attention:  # Ascend only (checked in __init__); the kernel takes fp16, so fp32 inputs are cast
+            self.unet.enable_flash_sdp(True)
+            self.unet.set_flash_attention_force_cast_dtype(ms.float16)
         self.components = {"unet": self.unet, "text_encoder": self.text_encoder}
         self.prediction_type = prediction_type
         self.scaling_factor = float(self.vae.config.scaling_factor)
-        self._text = _TextEncode(self.text_encoder)
-        self._denoise = _Denoise(self.unet)
-        self._encode = _EncodeLatents(self.vae, self.scaling_factor)
-        self._decode = _Decode(self.vae, self.scaling_factor)
-        self._loss = DiffusionLoss(self.unet, self.text_encoder, prediction_type)
+        self._build_graphs()
         return ModelInfo(latent_channels=int(self.vae.config.latent_channels),
                          vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1),
                          scaling_factor=self.scaling_factor, base_model=model.source)
+
+    def _build_graphs(self) -> None:
+        """Fresh graph cells: a graph compiled before LoRA injection would keep running the network without it."""
+        self._text = _TextEncode(self.text_encoder)
+        self._denoise = _Denoise(self.unet)
+        self._decode = _Decode(self.vae, self.scaling_factor)
+        self._encode = EncodeLatents(self.vae, self.scaling_factor)
+        self._loss = DiffusionLoss(self.unet, self.text_encoder, self._encode, self.prediction_type)
+        self._grad_fn = None
 
     def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
         return {c: {n: tuple(cell.weight.shape) for n, cell in model.cells_and_names()
@@ -142,6 +142,7 @@ class MindSporeBackend(Backend):
         assert len(trainable) == len(lora_params), (
             f"only the {len(lora_params)} LoRA parameters may be trainable, found {len(trainable)}")
         self.set_lora_weights(init)
+        self._build_graphs()
 
     def _lora_items(self) -> list[tuple[str, ms.Parameter]]:
         """(canonical tensor key, parameter): MindSpore may rename parameters, our keys stay."""
@@ -151,7 +152,7 @@ class MindSporeBackend(Backend):
     def lora_weights(self, ema: bool = False) -> LoraWeights:
         weights = ms_lora.read_weights(self.lora_cells, self.alpha)
         if ema and self.step is not None and self.step.use_ema:
-            averages = {p.name[len("ema."):]: p.asnumpy().copy() for p in self.step.ema}  # named by our keys
+            averages = self.step.layout.split(self.step.ema.asnumpy())
             for key, layer in weights.items():
                 layer.down, layer.up = averages[f"{key}.lora_A.weight"], averages[f"{key}.lora_B.weight"]
         return weights
@@ -162,45 +163,79 @@ class MindSporeBackend(Backend):
     # --- training ----------------------------------------------------------------------------
     def configure_training(self, settings: OptimizerSettings) -> None:
         items = self._lora_items()
-        self.step = TrainStep(self._loss, [p for _, p in items], [k for k, _ in items], settings)
+        layout = FlatLayout(names=tuple(k for k, _ in items), shapes=tuple(tuple(p.shape) for _, p in items))
+        self.step = TrainStep(self._loss, [p for _, p in items], layout, settings)
 
     def _inputs(self, batch: StepBatch) -> tuple[Tensor, ...]:
-        latents = self._encode(Tensor(batch.pixels), Tensor(batch.posterior_noise))
-        return (latents, Tensor(batch.token_ids), Tensor(batch.noise), Tensor(batch.timesteps),
+        return (Tensor(batch.pixels), Tensor(batch.posterior_noise), Tensor(batch.token_ids), Tensor(batch.noise), Tensor(batch.timesteps),
                 Tensor(batch.sqrt_alpha.reshape(-1, 1, 1, 1)), Tensor(batch.sqrt_one_minus_alpha.reshape(-1, 1, 1, 1)))
 
     def eval_loss(self, batch: StepBatch) -> float:
+        if self.step is not None:
+            return self._step_gradients(batch)[0]
         return float(self._loss(*self._inputs(batch)).asnumpy())
 
     def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        if self.step is not None:
+            return self._step_gradients(batch)[1]
         items = self._lora_items()
-        grad_fn = ms.value_and_grad(self._loss, None, ms.ParameterTuple([p for _, p in items]))
-        _, grads = grad_fn(*self._inputs(batch))
+        if self._grad_fn is None:  # built once: each new grad function would be compiled anew
+            self._grad_fn = ms.value_and_grad(self._loss, None, ms.ParameterTuple([p for _, p in items]))
+        _, grads = self._grad_fn(*self._inputs(batch))
         return {k: g.asnumpy() for (k, _), g in zip(items, grads)}
 
+    def _step_gradients(self, batch: StepBatch) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and LoRA gradients from the compiled train step itself, run as an accumulation-only micro-batch
+        (nothing is updated) with its accumulator saved and restored: no second graph to compile, and the
+        gradients are exactly the ones training uses."""
+        step = self.step
+        saved = step.accum.asnumpy().copy()
+        step.accum.set_data(Tensor(np.zeros_like(saved)))
+        try:
+            loss, _, _, scale = step(Tensor(1.0, ms.float32), Tensor(0.0, ms.float32), Tensor(False, ms.bool_),
+                                     *self._inputs(batch))
+            flat = step.accum.asnumpy() / float(scale.asnumpy())
+        finally:
+            step.accum.set_data(Tensor(saved))
+        return float(loss.asnumpy()), step.layout.split(flat)
+
     def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
-        loss, finite, norm, scale = self.step(*self._inputs(batch), Tensor(1.0 / accumulation, ms.float32),
-                                              Tensor(lr, ms.float32), update)
+        loss, finite, norm, scale = self.step(Tensor(1.0 / accumulation, ms.float32), Tensor(lr, ms.float32),
+                                              Tensor(update, ms.bool_), *self._inputs(batch))
         finite = bool(finite.asnumpy())
         return StepResult(loss=float(loss.asnumpy()), updated=update and finite, overflow=update and not finite,
                           grad_norm=float(norm.asnumpy()) if update else None, loss_scale=float(scale.asnumpy()))
 
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        opt = self.step.optimizer
-        arrays = {p.name: p.asnumpy().copy() for p in (*opt.exp_avg, *opt.exp_avg_sq, *self.step.ema)}
-        scalars = {"optimizer_step": int(opt.step.asnumpy()), "loss_scale": float(self.step.loss_scale.asnumpy()),
-                   "scaler_growth_tracker": int(self.step.good_steps.asnumpy())}
+        step, layout = self.step, self.step.layout
+        arrays = {}
+        for prefix, flat in (("optimizer.exp_avg", step.optimizer.exp_avg), ("optimizer.exp_avg_sq",
+                                                                             step.optimizer.exp_avg_sq)):
+            arrays.update({f"{prefix}.{k}": v for k, v in layout.split(flat.asnumpy()).items()})
+        if step.use_ema:
+            arrays.update({f"ema.{k}": v for k, v in layout.split(step.ema.asnumpy()).items()})
+        scalars = {"optimizer_step": int(step.optimizer.step.asnumpy()), "loss_scale": float(step.loss_scale.asnumpy()),
+                   "scaler_growth_tracker": int(step.good_steps.asnumpy())}
         return arrays, scalars
 
     def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
-        opt = self.step.optimizer
-        for param in (*opt.exp_avg, *opt.exp_avg_sq, *self.step.ema):
-            if param.name in arrays:
-                param.set_data(Tensor(arrays[param.name]))
-        opt.step.set_data(Tensor(float(scalars.get("optimizer_step", 0)), ms.float32))
-        self.step.loss_scale.set_data(Tensor(float(scalars.get("loss_scale", self.step.loss_scale.asnumpy())),
-                                             ms.float32))
-        self.step.good_steps.set_data(Tensor(int(scalars.get("scaler_growth_tracker", 0)), ms.int32))
+        step, layout = self.step, self.step.layout
+        current = self.lora_weights()
+        lora = {f"{k}.lora_{p}.weight": getattr(layer, "down" if p == "A" else "up")
+                for k, layer in current.items() for p in ("A", "B")}
+        targets = [("optimizer.exp_avg", step.optimizer.exp_avg, None),
+                   ("optimizer.exp_avg_sq", step.optimizer.exp_avg_sq, None)]
+        if step.use_ema:
+            targets.append(("ema", step.ema, lora))  # a resume file without EMA starts it from the weights
+        for prefix, param, fallback in targets:
+            found = {k: arrays[f"{prefix}.{k}"] for k in layout.names if f"{prefix}.{k}" in arrays}
+            if found or fallback is not None:
+                values = {k: found.get(k, (fallback or {}).get(k, np.zeros(s, np.float32)))
+                          for k, s in zip(layout.names, layout.shapes)}
+                param.set_data(Tensor(layout.join(values)))
+        step.optimizer.step.set_data(Tensor(float(scalars.get("optimizer_step", 0)), ms.float32))
+        step.loss_scale.set_data(Tensor(float(scalars.get("loss_scale", step.loss_scale.asnumpy())), ms.float32))
+        step.good_steps.set_data(Tensor(int(scalars.get("scaler_growth_tracker", 0)), ms.int32))
 
     # --- sampling ----------------------------------------------------------------------------
     def encode_prompts(self, token_ids: np.ndarray) -> Tensor:
@@ -210,14 +245,33 @@ class MindSporeBackend(Backend):
         n, k = latents.shape[0], len(contexts)
         x = ops.cat([latents] * k) if k > 1 else latents
         context = ops.cat(contexts) if k > 1 else contexts[0]
-        dtype = ms.int64 if float(t).is_integer() else ms.float32
-        pred = self._denoise(x, Tensor(np.full((n * k,), t)).astype(dtype), context)
+        # float32 timesteps for every sampler (integer ones are exact): one compiled graph, not one per dtype
+        pred = self._denoise(x, Tensor(np.full((n * k,), t, np.float32)), context)
         return [pred[i * n:(i + 1) * n] for i in range(k)]
 
+    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> Tensor:
+        return self._encode(Tensor(pixels), Tensor(posterior_noise))
+
     def decode(self, latents: Tensor) -> np.ndarray:
-        images = self._decode(latents).asnumpy()
-        images = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
-        return images.transpose(0, 2, 3, 1)
+        return self._decode(latents).asnumpy().astype(np.float32)
 
     def tensor(self, array: np.ndarray) -> Tensor:
         return Tensor(np.ascontiguousarray(array))
+
+    def save_native_lora(self, path: str, weights: LoraWeights, module_index: Any) -> str:
+        """mindone's LoRA checkpoint (`ms.save_checkpoint`, `lora_rank` appended), written atomically."""
+        from msd_lora.lora.format_mindone import write_mindone
+
+        tensors = write_mindone(weights, module_index)
+        rank = int(tensors.pop("lora_rank"))
+        params = [{"name": name, "data": Tensor(np.ascontiguousarray(value, np.float32))}
+                  for name, value in tensors.items()]
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.stem}.partial.ckpt")  # save_checkpoint insists on a .ckpt name
+        try:
+            ms.save_checkpoint(params, str(temporary), append_dict={"lora_rank": rank})
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return str(target)

@@ -48,5 +48,5 @@ def load_state(component: str, network: nn.Cell, state: dict[str, np.ndarray], s
     """Copy a diffusers-named numpy state dict into the network, strictly (names and shapes)."""
     params = named_parameters(component, network)
     check_state_fits(state, {n: tuple(p.shape) for n, p in params.items()}, source, f"mindone's {component}")
-    for name, param in params.items():
-        param.set_data(Tensor(np.asarray(state[name], dtype=np.float32)))
+    for name, param in params.items():  # one tensor at a time: never a second full copy in memory
+        param.set_data(Tensor(np.array(state.pop(name), dtype=np.float32)))

@@ -1,34 +1,79 @@
 """The MindSpore LoRA training step: one compiled call per micro-batch.
 
 Per call: scaled loss -> gradients of the LoRA weights -> accumulate. On the last micro-batch of an
-optimizer step (`update=True`) also: unscale -> all-finite check (INFNAN semantics, mindspore.amp.all_finite,
+optimizer step (`update` true) also: unscale -> all-finite check (INFNAN semantics, mindspore.amp.all_finite,
 which runs on CPU and Ascend alike) -> global-norm clip -> AdamW applied only when finite -> EMA ->
 dynamic loss-scale update (shrink on overflow, grow after `scale_window` clean steps). Nothing is applied
 when the gradients overflow; the step reports it and the loop counts it.
+
+Gradients, moments, the accumulation buffer and the EMA are flat vectors over all LoRA weights
+(`FlatLayout`), so the update is a handful of graph ops whatever the number of LoRA layers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ParameterTuple, Tensor, amp, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, amp, mint, nn, ops
 
 from msd_lora.backends.base import OptimizerSettings
-from msd_lora.backends.mindspore.optim import AdamW
+from msd_lora.backends.mindspore.optim import FlatAdamW
 from msd_lora.diffusion.schedule import add_noise, training_target
 
 
-def _zeros_like(param: Parameter, name: str) -> Parameter:
-    return Parameter(Tensor(np.zeros(param.shape, np.float32)), name=name, requires_grad=False)
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each named tensor sits in the flat vector: names, shapes and sizes in order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s)) for s in self.shapes)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        pieces = np.split(np.asarray(flat), np.cumsum(self.sizes)[:-1])
+        return {n: p.reshape(s).copy() for n, p, s in zip(self.names, pieces, self.shapes)}
+
+    def join(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(arrays[n], np.float32).reshape(-1) for n in self.names])
+
+
+def flatten(tensors) -> Tensor:
+    """One float32 vector of the tensors' values, in order."""
+    return ops.cat([t.astype(ms.float32).reshape(-1) for t in tensors])
+
+
+class EncodeLatents(nn.Cell):
+    """A sample of the VAE posterior with given noise, times the scaling factor: the UNet's training latents."""
+
+    def __init__(self, vae: nn.Cell, scaling_factor: float):
+        super().__init__(auto_prefix=False)
+        self.vae, self.scaling_factor = vae, scaling_factor
+
+    def construct(self, pixels, posterior_noise):
+        moments = self.vae.encode(pixels)[0]
+        channels = moments.shape[1] // 2
+        mean, logvar = moments[:, :channels], ops.clamp(moments[:, channels:], -30.0, 20.0)
+        return (mean + mint.exp(0.5 * logvar) * posterior_noise) * self.scaling_factor
 
 
 class DiffusionLoss(nn.Cell):
-    """MSE between the UNet's prediction and the eps / v target, with the text encoder in the graph."""
+    """MSE between the UNet's prediction and the eps / v target; VAE encoder and text encoder in the graph."""
 
-    def __init__(self, unet: nn.Cell, text_encoder: nn.Cell, prediction_type: str):
+    def __init__(self, unet: nn.Cell, text_encoder: nn.Cell, encode_latents: EncodeLatents, prediction_type: str):
         super().__init__(auto_prefix=False)
         self.unet, self.text_encoder, self.prediction_type = unet, text_encoder, prediction_type
+        self.encode_latents = encode_latents
 
-    def construct(self, latents, token_ids, noise, timesteps, sqrt_alpha, sqrt_one_minus):
+    def construct(self, pixels, posterior_noise, token_ids, noise, timesteps, sqrt_alpha, sqrt_one_minus):
+        latents = ops.stop_gradient(self.encode_latents(pixels, posterior_noise))
         context = self.text_encoder(token_ids)[0]
         noisy = add_noise(latents, noise, sqrt_alpha, sqrt_one_minus)
         pred = self.unet(noisy, timesteps, context)[0].astype(ms.float32)
@@ -37,65 +82,72 @@ class DiffusionLoss(nn.Cell):
 
 
 class TrainStep(nn.Cell):
-    def __init__(self, loss: DiffusionLoss, lora_params: list[Parameter], names: list[str],
+    """`step(inv_accumulation, lr, update, *inputs) -> (loss, finite, grad_norm, loss_scale)` where `loss(*inputs)`
+    is the training loss (DiffusionLoss in training; any loss cell, e.g. in the benchmarks)."""
+
+    def __init__(self, loss: nn.Cell, lora_params: list[Parameter], layout: FlatLayout,
                  settings: OptimizerSettings):
         super().__init__(auto_prefix=False)
         self.loss = loss
+        self.layout = layout
         self.clip_grad, self.max_grad_norm = settings.clip_grad, float(settings.max_grad_norm)
         self.ema_decay = float(settings.ema_decay)
         self.scale_factor, self.scale_window = float(settings.loss_scale_factor), int(settings.scale_window)
         self.weights = ParameterTuple(lora_params)
-        self.optimizer = AdamW(lora_params, names, settings.betas, settings.eps, settings.weight_decay)
-        self.accum = ParameterTuple([_zeros_like(p, f"accum.{n}") for p, n in zip(lora_params, names)])
+        ends = np.cumsum(layout.sizes)
+        self.starts, self.ends = tuple(int(e - n) for e, n in zip(ends, layout.sizes)), tuple(int(e) for e in ends)
+        self.optimizer = FlatAdamW(layout.total, settings.betas, settings.eps, settings.weight_decay)
+        self.accum = Parameter(Tensor(np.zeros(layout.total, np.float32)), name="accum", requires_grad=False)
         self.use_ema = settings.use_ema
-        self.ema = ParameterTuple([Parameter(p.value().copy(), name=f"ema.{n}", requires_grad=False)
-                                   for p, n in zip(lora_params, names)]) if settings.use_ema else ParameterTuple([])
-        self.dynamic = settings.loss_scaler_type == "dynamic"
-        initial = 1.0 if settings.loss_scaler_type == "none" else settings.init_loss_scale
-        self.loss_scale = Parameter(Tensor(initial, ms.float32), name="loss_scale.value", requires_grad=False)
+        initial = np.concatenate([p.asnumpy().reshape(-1) for p in lora_params]) if settings.use_ema else np.zeros(1)
+        self.ema = Parameter(Tensor(initial.astype(np.float32)), name="ema", requires_grad=False)
+        # a tensor, not a Python flag: one compiled graph serves dynamic and static scaling
+        self.dynamic = Parameter(Tensor(settings.loss_scaler_type == "dynamic"), name="loss_scale.dynamic",
+                                 requires_grad=False)
+        initial_scale = 1.0 if settings.loss_scaler_type == "none" else settings.init_loss_scale
+        self.loss_scale = Parameter(Tensor(initial_scale, ms.float32), name="loss_scale.value", requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps", requires_grad=False)
         self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.weights, has_aux=True)
 
-    def _scaled_loss(self, latents, token_ids, noise, timesteps, sqrt_alpha, sqrt_one_minus, weight):
-        loss = self.loss(latents, token_ids, noise, timesteps, sqrt_alpha, sqrt_one_minus)
+    def _scaled_loss(self, weight, *inputs):
+        loss = self.loss(*inputs)
         return loss * weight, loss
 
-    def construct(self, latents, token_ids, noise, timesteps, sqrt_alpha, sqrt_one_minus, inv_accumulation, lr,
-                  update: bool):
+    def construct(self, inv_accumulation, lr, update, *inputs):
+        """`update` (a bool tensor, so one graph serves every micro-batch): apply the optimizer after this one.
+        `inputs` are separate tensors (a tuple argument would be a graph constant, recompiled per call)."""
         scale = self.loss_scale + 0.0
-        (_, loss), grads = self.grad_fn(latents, token_ids, noise, timesteps, sqrt_alpha, sqrt_one_minus,
-                                        scale * inv_accumulation)
-        if not update:
-            for acc, grad in zip(self.accum, grads):
-                ops.assign_add(acc, grad)
-            return loss, ops.ones((), ms.bool_), ops.zeros((), ms.float32), scale
-        grads = tuple((acc + grad) / scale for acc, grad in zip(self.accum, grads))
-        finite = amp.all_finite(grads)
-        squares = ops.zeros((), ms.float32)
-        for grad in grads:
-            squares = squares + (grad * grad).sum()
-        norm = ops.sqrt(squares)
+        (scaled_loss, loss), grads = self.grad_fn(scale * inv_accumulation, *inputs)
+        loss = ops.depend(loss, scaled_loss)  # keeps the graph free of a dangling output
+        summed = self.accum + flatten(grads)
+        ops.assign(self.accum, ops.select(update, ops.zeros_like(summed), summed))
+        grads = summed / scale
+        finite = amp.all_finite((grads,))
+        apply = ops.logical_and(update, finite)
+        norm = ops.sqrt((grads * grads).sum())
         if self.clip_grad:
-            coef = ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
-            grads = tuple(g * coef for g in grads)
-        self.optimizer(grads, lr, finite)
+            grads = grads * ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
+        params = self.optimizer(flatten(self.weights), grads, lr, apply)
         if self.use_ema:
-            for average, param in zip(self.ema, self.weights):
-                ops.assign(average, ops.select(finite, average + (1.0 - self.ema_decay) * (param - average), average))
-        for acc in self.accum:
-            ops.assign(acc, ops.zeros_like(acc))
-        self._adjust_scale(finite)
+            ops.assign(self.ema, ops.select(apply, self.ema + (1.0 - self.ema_decay) * (params - self.ema), self.ema))
+        self._write_weights(params)
+        self._adjust_scale(update, finite)
         return loss, finite, norm, scale
 
-    def _adjust_scale(self, finite):
-        """Shrink the scale on overflow; grow it after `scale_window` clean steps in a row (dynamic only)."""
-        if not self.dynamic:
-            return
+    def _write_weights(self, flat: Tensor) -> None:
+        for param, start, end in zip(self.weights, self.starts, self.ends):
+            ops.assign(param, flat[start:end].reshape(param.shape))
+
+    def _adjust_scale(self, update, finite):
+        """On optimizer steps (dynamic scaler only): shrink the scale on overflow, grow it after `scale_window`
+        clean steps in a row."""
+        update = ops.logical_and(update, self.dynamic)
         factor = self.scale_factor
         good = ops.select(finite, self.good_steps + 1, ops.zeros_like(self.good_steps))
         grow = good >= self.scale_window
         scale = self.loss_scale + 0.0
         grown = ops.select(ops.isfinite(scale * factor), scale * factor, scale)
         new_scale = ops.select(finite, ops.select(grow, grown, scale), ops.maximum(scale / factor, 1.0))
-        ops.assign(self.loss_scale, new_scale)
-        ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
+        ops.assign(self.loss_scale, ops.select(update, new_scale, scale))
+        ops.assign(self.good_steps, ops.select(update, ops.select(grow, ops.zeros_like(good), good),
+                                               self.good_steps))

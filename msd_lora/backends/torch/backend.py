@@ -33,9 +33,11 @@ def build_network(name: str, build, config: dict, state: dict[str, np.ndarray], 
 
     with no_init_weights():
         module = build(config)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    check_state_fits(state, expected, f"{source} ({name})", f"the torch {name}")
-    module.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True)
+    targets = module.state_dict(keep_vars=True)
+    check_state_fits(state, {k: tuple(v.shape) for k, v in targets.items()}, f"{source} ({name})", f"the torch {name}")
+    with torch.no_grad():
+        for key in list(state):  # one tensor at a time: never a second full copy of the model in memory
+            targets[key].copy_(torch.from_numpy(np.array(state.pop(key), np.float32)))
     return module
 
 
@@ -248,10 +250,12 @@ class TorchBackend(Backend):
         return list(pred.chunk(len(contexts)))
 
     @torch.no_grad()
+    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> torch.Tensor:
+        return self._encode_latents(self.tensor(pixels), self.tensor(posterior_noise))
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        images = self.vae.decode(latents / self.scaling_factor).sample
-        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        return self.vae.decode(latents / self.scaling_factor).sample.float().cpu().numpy()
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

@@ -1,0 +1,132 @@
+"""FID from image folders: read -> preprocess (msd_lora.eval.preprocess) -> InceptionV3 pool3 -> statistics ->
+Fréchet distance. Backend-neutral: the network is any callable from network input to features."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from msd_lora.eval.frechet import Gaussian, feature_statistics
+from msd_lora.eval.images import ConversionLog, ImageSet, read_rgb_batch
+from msd_lora.eval.inception_arch import POOL3_FEATURES
+from msd_lora.eval.preprocess import inception_input
+
+Network = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class SetFeatures:
+    features: np.ndarray  # (N, 2048) float64
+    notes: list[str] = field(default_factory=list)  # conversions and skipped files, for the report
+
+    def statistics(self, what: str) -> Gaussian:
+        return feature_statistics(self.features, what)
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def extract_features(images: ImageSet, network: Network, resize: str, batch_size: int = 32,
+                     progress: bool = True) -> SetFeatures:
+    """pool3 features of every image of `images`, preprocessed by the `resize` protocol."""
+    from tqdm.auto import tqdm
+
+    log, chunks = ConversionLog(), []
+    with tqdm(total=len(images), desc=f"inception {images.root.name}", disable=not progress, file=sys.stderr) as bar:
+        for chunk in batches(images.files, batch_size):
+            pixels = read_rgb_batch(chunk, log)
+            chunks.append(np.asarray(network(inception_input(pixels, resize)), np.float64))
+            bar.update(len(chunk))
+    features = np.concatenate(chunks)
+    if features.shape[1:] != (POOL3_FEATURES,):
+        raise ValueError(f"the feature network returned {features.shape[1:]}, expected ({POOL3_FEATURES},)")
+    if not np.isfinite(features).all():
+        raise ValueError(f"{images.root}: the Inception features are not finite; check the weights file")
+    notes = [n for n in (images.describe_skipped(), log.summary(images.root)) if n]
+    return SetFeatures(features, notes)
+
+
+def small_set_note(n: int, what: str) -> str | None:
+    """FID is biased upwards for small sets; below 2048 images the covariance is rank-deficient as well."""
+    if n >= POOL3_FEATURES:
+        return None
+    return (f"{what}: {n} images; with fewer than {POOL3_FEATURES} the covariance is rank-deficient and FID is "
+            f"biased upwards (published FIDs use 10k-50k images): compare only FIDs from equal image counts")
+
+
+def fid_image_set(folder, what: str) -> ImageSet:
+    """The images of an FID input folder (a text_to_image.py output folder means its samples/); at least 2."""
+    from msd_lora.eval.images import find_images, sample_folder
+
+    images = find_images(sample_folder(folder), what)
+    if len(images) < 2:
+        raise ValueError(f"{what} {images.root}: FID needs at least 2 images (the covariance of 1 image is "
+                         f"undefined); found {len(images)}")
+    return images
+
+
+class FidEvaluator:
+    """FID of image folders against a real set, with one loaded InceptionV3 (reused across folders)."""
+
+    def __init__(self, backend: str = "torch", weights: str | None = None, resize: str = "bilinear",
+                 batch_size: int = 32, device: str = "auto", ms_mode: int = 0, progress: bool = True):
+        from msd_lora.eval.networks import backend_name, inception_features
+        from msd_lora.eval.preprocess import get_protocol
+        from msd_lora.eval.report import loud_random_warning
+        from msd_lora.eval.weights import is_random_init, read_inception_weights, resolve_inception_weights, sha256_of
+
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+        self.backend, self.resize, self.protocol = backend_name(backend), resize, get_protocol(resize)
+        self.batch_size, self.progress = batch_size, progress
+        path = resolve_inception_weights(weights)
+        state, metadata = read_inception_weights(path)
+        self.weights = {"file": str(path), "sha256": sha256_of(path), "random_init": is_random_init(metadata)}
+        self.notes = [loud_random_warning("The FID InceptionV3", str(path))] if self.weights["random_init"] else []
+        self.network = inception_features(self.backend, state, str(path), device, ms_mode)
+
+    def folder_features(self, folder, what: str) -> SetFeatures:
+        images = fid_image_set(folder, what)
+        found = extract_features(images, self.network, self.resize, self.batch_size, self.progress)
+        found.notes += [n for n in (small_set_note(len(images), f"{what} {images.root}"),) if n]
+        return found
+
+    def real_statistics(self, real_dir=None, real_stats=None, save_stats=None) -> tuple[Gaussian, list[str]]:
+        """The real set's statistics, from images (optionally saved to `save_stats`) or a saved .npz; and notes."""
+        from msd_lora.eval.frechet import load_statistics, save_statistics
+
+        if real_stats:
+            gaussian, info = load_statistics(real_stats)
+            self.check_compatible(info, str(real_stats))
+            return gaussian, [f"real statistics from {real_stats}"]
+        if not real_dir:
+            raise ValueError("give --real_dir DIR or --real_stats FILE.npz")
+        found = self.folder_features(real_dir, "--real_dir")
+        gaussian = found.statistics(f"--real_dir {real_dir}")
+        if save_stats:
+            save_statistics(save_stats, gaussian, resize=self.resize, weights_sha256=self.weights["sha256"])
+        return gaussian, found.notes
+
+    def check_compatible(self, info: dict[str, str], source: str) -> None:
+        """Saved statistics must come from the same preprocessing and weights (when they say which)."""
+        if "resize" in info and info["resize"] != self.resize:
+            raise ValueError(f"{source} was computed with --resize {info['resize']}, this run uses {self.resize}: "
+                             f"FIDs across preprocessing protocols are not comparable")
+        if "weights_sha256" in info and info["weights_sha256"] != self.weights["sha256"]:
+            raise ValueError(f"{source} was computed with other Inception weights (sha256 {info['weights_sha256']}) "
+                             f"than {self.weights['file']} (sha256 {self.weights['sha256']})")
+
+    def fid(self, real: tuple[Gaussian, list[str]], gen_dir) -> dict:
+        """FID of the images under `gen_dir` against `real` (from real_statistics), with a record of how."""
+        from msd_lora.eval.frechet import gaussian_distance
+
+        gaussian, real_notes = real
+        found = self.folder_features(gen_dir, "--gen_dir")
+        generated = found.statistics(f"--gen_dir {gen_dir}")
+        return {"fid": gaussian_distance(gaussian, generated), "num_real": gaussian.num_images,
+                "num_gen": generated.num_images, "resize": self.resize, "protocol": self.protocol.reproduces,
+                "backend": self.backend, "weights": self.weights, "notes": self.notes + real_notes + found.notes}

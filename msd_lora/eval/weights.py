@@ -1,0 +1,134 @@
+"""The FID InceptionV3 weight file: where it is looked for, fetching it (only when allowed), and reading it.
+
+The standard weights are pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (TensorFlow's 2015-12-05 Inception
+graph converted to torch). Looked for, in order: the path given (`--inception_weights`), then
+`$MSD_LORA_CACHE` (default ~/.cache/msd_lora), then torch hub's cache (`$TORCH_HOME/hub/checkpoints`, where
+pytorch-fid keeps it). When none holds it and downloading is allowed (not with MSD_LORA_OFFLINE=1 or
+HF_HUB_OFFLINE=1), it is fetched from pytorch-fid's release with a message, and its sha256 must start with
+6726825d (the hash prefix in its name, torch hub's convention) or the file is deleted.
+
+A `.pth` is read with torch (`torch.load(weights_only=True)`); a `.safetensors` file with numpy only, so a
+MindSpore-only machine uses a safetensors copy (tools/eval/convert_inception_weights.py writes one).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from msd_lora.eval import inception_arch as arch
+
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+RANDOM_INIT_KEY = "msd_lora_random_init"  # safetensors metadata of generated random weights
+
+
+class WeightsError(FileNotFoundError):
+    """A weight file is missing or unreadable; the message names the file and what to do."""
+
+
+def downloads_allowed() -> bool:
+    return not any(os.environ.get(v, "") not in ("", "0") for v in ("MSD_LORA_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MSD_LORA_CACHE", Path.home() / ".cache" / "msd_lora"))
+
+
+def candidate_paths() -> list[Path]:
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    return [cache_dir() / FID_WEIGHTS_NAME, torch_home / "hub" / "checkpoints" / FID_WEIGHTS_NAME]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_fid_weights(target: Path) -> Path:
+    """Fetch pytorch-fid's weight file to `target`, checking its sha256 prefix; a bad file is removed."""
+    import urllib.request
+
+    print(f"downloading the FID InceptionV3 weights (91 MB) from {FID_WEIGHTS_URL}\n  to {target}", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".part")
+    try:
+        urllib.request.urlretrieve(FID_WEIGHTS_URL, partial)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise WeightsError(f"could not download {FID_WEIGHTS_URL} ({err}); download it by hand and pass "
+                           f"--inception_weights PATH, or put it at {target}") from err
+    digest = sha256_of(partial)
+    if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
+        partial.unlink()
+        raise WeightsError(f"{FID_WEIGHTS_URL} downloaded with sha256 {digest}, which does not start with "
+                           f"{FID_WEIGHTS_SHA256_PREFIX}: the file was deleted")
+    partial.replace(target)
+    print(f"  sha256 {digest} (prefix {FID_WEIGHTS_SHA256_PREFIX} verified)", file=sys.stderr)
+    return target
+
+
+def resolve_inception_weights(path: str | Path | None, download: bool | None = None) -> Path:
+    """The weight file to use: `path` when given (it must exist), else the standard file from a cache or, when
+    allowed, a download."""
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise WeightsError(f"Inception weights file {path} not found (--inception_weights); the standard file "
+                               f"is {FID_WEIGHTS_NAME} from {FID_WEIGHTS_URL}")
+        return path
+    for candidate in candidate_paths():
+        if candidate.is_file():
+            return candidate
+    allowed = downloads_allowed() if download is None else download
+    if not allowed:
+        looked = "\n  ".join(str(p) for p in candidate_paths())
+        raise WeightsError(f"the FID Inception weights {FID_WEIGHTS_NAME} are missing; looked in\n  {looked}\n"
+                           f"Downloads are off (MSD_LORA_OFFLINE / HF_HUB_OFFLINE). Fetch {FID_WEIGHTS_URL} on a "
+                           f"machine with network access and pass --inception_weights PATH or copy it to the first "
+                           f"path above.")
+    return download_fid_weights(candidate_paths()[0])
+
+
+def read_inception_weights(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(state in the weight file's names, safetensors metadata) from a .safetensors or torch .pth file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Inception weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        try:
+            from msd_lora.backends.torch.inception import read_pth_state
+        except ImportError as err:
+            raise WeightsError(f"{path} is a torch file and torch is not installed here: convert it once to "
+                               f"safetensors with tools/eval/convert_inception_weights.py on a machine with torch, "
+                               f"then pass the .safetensors file") from err
+        state, metadata = read_pth_state(str(path)), {}
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    return state, metadata
+
+
+def is_random_init(metadata: dict[str, str]) -> bool:
+    return RANDOM_INIT_KEY in metadata
+
+
+def write_random_inception(path: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised weight file in pytorch-fid's layout (safetensors, marked random in its metadata)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(arch.random_state(seed), str(path), metadata={RANDOM_INIT_KEY: f"seed={seed}"})
+    return path

@@ -1,0 +1,77 @@
+"""The SD 1.x / 2.x CLIP tokenizer, built offline from the BPE merges shipped in msd_lora/assets/clip_bpe.
+
+Single-file checkpoints carry no tokenizer. OpenAI's `bpe_simple_vocab_16e6.txt.gz` defines it: the vocabulary
+is the 256 byte symbols, the same with the end-of-word mark `</w>`, one token per merge (the first 48,894
+merges are used), then `<|startoftext|>` and `<|endoftext|>` — 49,408 ids. `tokenizer_folder` writes that
+as vocab.json + merges.txt + tokenizer_config.json (once, into a cache folder) so `CLIPTokenizer` loads it.
+SD1 pads with `<|endoftext|>`; SD2 (open_clip) pads with id 0, `!`.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from msd_lora.models.tiny_tokenizer import BOS, END_OF_WORD, EOS, bytes_to_unicode
+
+BPE_FILE = Path(__file__).resolve().parents[1] / "assets/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
+NUM_MERGES = 49152 - 256 - 2  # what CLIP uses of the file
+
+
+def read_merges(path: Path = BPE_FILE) -> list[tuple[str, str]]:
+    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    return [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
+
+
+def vocabulary(merges: list[tuple[str, str]]) -> dict[str, int]:
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def write_tokenizer(folder: Path, pad_token: str, model_max_length: int) -> Path:
+    merges = read_merges()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocabulary(merges), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "bos_token": BOS,
+              "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token, "do_lower_case": True,
+              "errors": "replace", "add_prefix_space": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    return folder
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MSD_LORA_CACHE", Path.home() / ".cache" / "msd_lora"))
+
+
+def tokenizer_folder(pad_token: str = EOS, model_max_length: int = 77) -> Path:
+    """A folder CLIPTokenizer loads, built once per (pad token, length) under the cache (or a temp folder)."""
+    digest = hashlib.sha256(BPE_FILE.read_bytes()).hexdigest()[:12]
+    pad_id = hashlib.sha256(pad_token.encode()).hexdigest()[:8]
+    name = f"clip_tokenizer-{digest}-pad{pad_id}-{model_max_length}"
+    for root in (cache_root(), Path(tempfile.gettempdir()) / "msd_lora"):
+        target = root / name
+        if (target / "tokenizer_config.json").is_file():
+            return target
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            building = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+            write_tokenizer(building, pad_token, model_max_length)
+            try:
+                os.replace(building, target)
+            except OSError:  # another process finished first
+                shutil.rmtree(building, ignore_errors=True)
+            if (target / "tokenizer_config.json").is_file():
+                return target
+        except OSError:
+            continue
+    raise OSError(f"cannot write the CLIP tokenizer files under {cache_root()} or the temp folder; "
+                  f"set MSD_LORA_CACHE to a writable folder")

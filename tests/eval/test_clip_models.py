@@ -1,0 +1,111 @@
+"""CLIP score through transformers' CLIPModel (random weights, ViT-L/14's structure at reduced width) equals a hand
+computation; images pair with prompts in text_to_image.py's order; model-folder errors name the missing file."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from msd_lora.eval.clip_eval import ClipScorer  # noqa: E402
+from msd_lora.eval.clip_model import load_clip_files, resolve_clip_folder  # noqa: E402
+from msd_lora.eval.clip_score import PairingError  # noqa: E402
+from msd_lora.eval.weights import WeightsError  # noqa: E402
+from tests.eval.conftest import write_images  # noqa: E402
+
+OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+OPENAI_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+PROMPTS = ["a red circle on a blue background", "a yellow square in sks style"]
+
+
+def hand_clip_scores(folder, files, prompts_of_images):
+    """Independent of msd_lora.eval: PIL bicubic to 224 (square images), CLIP's mean/std, the towers' pooled
+    outputs times the projection matrices in numpy, cosine, 100 * max(cos, 0)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    pixels = np.stack([((np.asarray(Image.open(f).convert("RGB").resize((224, 224), Image.BICUBIC)) / 255.0
+                         - OPENAI_MEAN) / OPENAI_STD).transpose(2, 0, 1) for f in files]).astype(np.float32)
+    ids = tokenizer(prompts_of_images, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled_image = model.vision_model(pixel_values=torch.from_numpy(pixels)).pooler_output.numpy()
+        pooled_text = model.text_model(**ids).pooler_output.numpy()
+    image = pooled_image.astype(np.float64) @ model.visual_projection.weight.detach().numpy().T.astype(np.float64)
+    text = pooled_text.astype(np.float64) @ model.text_projection.weight.detach().numpy().T.astype(np.float64)
+    cos = (image * text).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(text, axis=1)
+    return 100 * np.maximum(cos, 0)
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """A folder shaped like text_to_image.py's output: 2 prompts x n_iter 2 x n_samples 2, with samples.jsonl."""
+    out = tmp_path_factory.mktemp("t2i")
+    write_images(out / "samples", 8, seed=5, tint=(1.0, 0.9, 0.7), size=40)
+    rows = [{"file": f"samples/{i:05d}.png", "prompt": PROMPTS[i // 4], "prompt_index": i // 4,
+             "iteration": (i // 2) % 2} for i in range(8)]
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_scorer(random_clip):
+    return ClipScorer("pt", ckpt_path=str(random_clip), batch_size=3, device="cpu", progress=False)
+
+
+def test_clip_score_equals_hand_computation(torch_scorer, random_clip, sample_run):
+    result = torch_scorer.score(sample_run, PROMPTS, images_per_prompt=4)
+    files = sorted((sample_run / "samples").glob("*.png"))
+    want = hand_clip_scores(random_clip, files, [PROMPTS[i // 4] for i in range(8)])
+    got = np.array([r["clip_score"] for r in result["records"]])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert result["clip_score"] == pytest.approx(want.mean(), rel=1e-5)
+    assert any("randomly initialised" in n for n in result["notes"])
+
+
+def test_grouping_with_n_iter_follows_the_sampling_order(torch_scorer, sample_run):
+    result = torch_scorer.score(sample_run, PROMPTS, images_per_prompt=4)
+    assert [r["prompt_index"] for r in result["records"]] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [r["file"][-9:] for r in result["records"]] == [f"{i:05d}.png" for i in range(8)]
+    assert any("pairing checked against" in n for n in result["notes"])
+    with pytest.raises(PairingError, match="found 8 images but 2 prompts x 3 images per prompt"):
+        torch_scorer.score(sample_run, PROMPTS, images_per_prompt=3)
+    with pytest.raises(PairingError, match="records 'a red circle"):
+        torch_scorer.score(sample_run, PROMPTS[::-1])
+
+
+def test_model_folder_errors_name_the_file(random_clip, tmp_path):
+    import shutil
+
+    broken = tmp_path / "clip"
+    shutil.copytree(random_clip, broken)
+    (broken / "preprocessor_config.json").unlink()
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="clip is missing preprocessor_config.json, model.safetensors"):
+        load_clip_files(broken)
+    with pytest.raises(WeightsError, match="CLIP model folder .*nowhere not found"):
+        resolve_clip_folder(tmp_path / "nowhere")
+    with pytest.raises(WeightsError, match="not in the Hugging Face cache and downloads are off"):
+        resolve_clip_folder(None, "openai/clip-vit-large-patch14")
+
+
+def test_parameter_list_matches_full_size_vit_l14():
+    """The random CLIP writer's parameter list is transformers' at ViT-L/14's real widths too (meta device: no
+    memory, no compute)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from msd_lora.eval.random_clip import clip_state_shapes
+
+    config = {"projection_dim": 768,
+              "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                              "num_hidden_layers": 12, "vocab_size": 49408, "max_position_embeddings": 77},
+              "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                                "num_hidden_layers": 24, "image_size": 224, "patch_size": 14}}
+    with torch.device("meta"):
+        model = CLIPModel(CLIPConfig.from_dict(config))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert clip_state_shapes(config) == want
+    assert sum(np.prod(s) for s in want.values()) > 4e8  # ViT-L/14: 428M parameters

@@ -1,0 +1,161 @@
+"""The MindSpore backend's own pieces: LoRA cells, strict weight loading, the optimizer's maths, bad input.
+
+Cheap checks (PYNATIVE-sized or uncompiled); the compiled train step is exercised in tests/parity.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+torch = pytest.importorskip("torch")
+pytest.importorskip("mindone")
+
+from mindspore import Tensor, mint  # noqa: E402
+
+from msd_lora.backends.mindspore.backend import MindSporeBackend  # noqa: E402
+from msd_lora.backends.mindspore.lora import LoraLinear, inject  # noqa: E402
+from msd_lora.backends.mindspore.optim import FlatAdamW  # noqa: E402
+from msd_lora.backends.mindspore.step import FlatLayout  # noqa: E402
+from msd_lora.lora.keys import LoraLayer  # noqa: E402
+from msd_lora.lora.spec import LoraSpec, LoraSpecError, init_lora_weights, select_targets  # noqa: E402
+from msd_lora.models.pretrained import load_pretrained  # noqa: E402
+from msd_lora.models.state_check import StateDictError  # noqa: E402
+
+
+def randn(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model):
+    b = MindSporeBackend(device="cpu")
+    b.load_model(load_pretrained(tiny_model), "epsilon")
+    return b
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_lora_linear_is_base_plus_scaled_update(fp16):
+    base = mint.nn.Linear(12, 10, bias=True)
+    cell = LoraLinear(base, rank=3, alpha=6.0, fp16=fp16, key="unet.x")
+    down, up, x = randn(3, 12, seed=1), randn(10, 3, seed=2), randn(5, 12, seed=3)
+    cell.lora_down.set_data(Tensor(down))
+    cell.lora_up.set_data(Tensor(up))
+    want = x @ base.weight.asnumpy().T + base.bias.asnumpy() + 2.0 * (x @ down.T) @ up.T
+    got = cell(Tensor(x)).asnumpy()
+    assert got.dtype == np.float32 and cell.lora_down.dtype == ms.float32  # fp32 master weights either way
+    assert np.abs(got - want).max() / np.abs(want).max() < (2e-3 if fp16 else 1e-6)
+    assert cell.base is base  # held, not copied
+
+
+def test_injection_keeps_names_unique_and_only_lora_trainable(tiny_model):
+    b = MindSporeBackend(device="cpu")
+    b.load_model(load_pretrained(tiny_model), "epsilon")
+    spec = LoraSpec(rank=4, alpha=4.0, targets={"unet": ("to_q", "to_v"), "text_encoder": ("q_proj",)})
+    shapes = b.linear_shapes()
+    targets = select_targets(spec, shapes)
+    b.add_lora(spec, targets, init_lora_weights(spec, targets, shapes, seed=0))
+    names = [p.name for p in b.unet.get_parameters()] + [p.name for p in b.text_encoder.get_parameters()]
+    assert len(names) == len(set(names))  # re-parented base weights keep their own names (GRAPH mode needs it)
+    trainable = [p.name for m in (b.unet, b.text_encoder, b.vae) for p in m.trainable_params()]
+    assert sorted(trainable) == sorted(f"{k}.lora_{p}.weight" for k in b.lora_cells for p in "AB")
+    assert any(k.startswith("text_encoder.") for k in b.lora_cells)
+
+
+def test_strict_loading_names_missing_unexpected_and_misshaped(tiny_model):
+    model = load_pretrained(tiny_model)
+    state = model.state["unet"]
+    state.pop("conv_in.bias")
+    state["conv_in.extra"] = np.zeros(3, np.float32)
+    state["conv_out.weight"] = np.zeros((4, 4, 3, 3), np.float32)
+    with pytest.raises(StateDictError) as err:
+        MindSporeBackend(device="cpu").load_model(model, "epsilon")
+    message = str(err.value)
+    assert "conv_in.bias" in message and "conv_in.extra" in message and "conv_out.weight" in message
+    assert "(4, 4, 3, 3)" in message
+
+
+def test_base_weights_refuse_a_wrong_shape(backend):
+    name = next(iter(backend.base_shapes()))
+    with pytest.raises(ValueError, match="does not fit"):
+        backend.set_base_weights({name: np.zeros((1, 2, 3), np.float32)})
+
+
+def test_lora_weights_refuse_other_layers_and_shapes(backend, tiny_model):
+    spec = LoraSpec(rank=2, alpha=2.0, targets={"unet": ("to_k",)})
+    shapes = backend.linear_shapes()
+    targets = select_targets(spec, shapes)
+    weights = init_lora_weights(spec, targets, shapes, seed=0)
+    key = next(iter(weights))
+    fresh = MindSporeBackend(device="cpu")
+    fresh.load_model(load_pretrained(tiny_model), "epsilon")
+    fresh.add_lora(spec, targets, weights)
+    wrong = {**weights, key: LoraLayer(down=np.zeros((2, 5), np.float32), up=weights[key].up, alpha=2.0)}
+    with pytest.raises(ValueError, match="does not fit"):
+        fresh.set_lora_weights(wrong)
+    with pytest.raises(ValueError, match="missing"):
+        fresh.set_lora_weights({key: weights[key]})
+
+
+def test_rank_larger_than_a_layer_is_an_error(backend):
+    spec = LoraSpec(rank=1000, alpha=1.0, targets={"unet": ("to_q",)})
+    with pytest.raises(LoraSpecError, match="lora_rank 1000 is larger than"):
+        select_targets(spec, backend.linear_shapes())
+
+
+def test_flash_attention_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="enable_flash_attention needs Ascend"):
+        MindSporeBackend(device="cpu", enable_flash_attention=True)
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a MindSpore target"):
+        MindSporeBackend(device="tpu")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_flat_adamw_matches_torch_adamw(weight_decay):
+    """Several steps with changing gradients and lr, including a skipped (non-finite) step: torch's AdamW maths."""
+    shapes = ((3, 4), (5,))
+    layout = FlatLayout(names=("a", "b"), shapes=shapes)
+    params = [torch.nn.Parameter(torch.tensor(randn(*s, seed=i))) for i, s in enumerate(shapes)]
+    reference = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay)
+    ours = FlatAdamW(layout.total, (0.9, 0.98), 1e-6, weight_decay)
+    flat = Tensor(layout.join({n: p.detach().numpy() for n, p in zip(layout.names, params)}))
+    for step in range(6):
+        grads = [randn(*s, seed=10 * step + i) * (10.0 ** (i - step)) for i, s in enumerate(shapes)]
+        lr = 1e-3 * (step + 1)
+        finite = step != 3
+        if finite:
+            for p, g in zip(params, grads):
+                p.grad = torch.tensor(g)
+            for group in reference.param_groups:
+                group["lr"] = lr
+            reference.step()
+        flat = ours(flat, Tensor(layout.join(dict(zip(layout.names, grads)))), Tensor(lr, ms.float32),
+                    Tensor(finite))
+        want = layout.join({n: p.detach().numpy() for n, p in zip(layout.names, params)})
+        assert np.abs(flat.asnumpy() - want).max() <= 1e-6 * np.abs(want).max(), step
+    assert float(ours.step.asnumpy()) == 5.0  # the skipped step did not count
+
+
+def test_native_lora_checkpoint_round_trips(backend, tmp_path, tiny_model):
+    from msd_lora.lora.formats import read_lora
+    from msd_lora.lora.module_index import ModuleIndex
+
+    spec = LoraSpec(rank=4, alpha=8.0, targets={"unet": ("to_q", "to_out.0")})
+    shapes = backend.linear_shapes()
+    targets = select_targets(spec, shapes)
+    weights = init_lora_weights(spec, targets, shapes, seed=1)
+    for layer in weights.values():
+        layer.up = randn(*layer.up.shape, seed=layer.up.shape[0])
+    index = ModuleIndex.for_model(load_pretrained(tiny_model).configs)
+    path = backend.save_native_lora(str(tmp_path / "lora.ckpt"), weights, index)
+    raw = ms.load_checkpoint(path)
+    assert int(raw["lora_rank"].asnumpy()) == 4
+    back = read_lora(path, index).weights
+    for key, layer in weights.items():
+        want = 2.0 * layer.up @ layer.down  # alpha / rank = 2 folded into B by mindone's format
+        got = back[key].scale * back[key].up @ back[key].down
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), key
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind

@@ -1,0 +1,230 @@
+"""Checkpoint containers and base-model layouts without a framework: safetensors, MindSpore protobuf, torch
+pickles (refusing code), LDM / mindone single files of the tiny model, version detection, offline tokenizers."""
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import yaml
+
+from msd_lora.models import mindspore_ckpt
+from msd_lora.models.layout import UnsupportedArchitectureError, unet_names
+from msd_lora.models.ldm import LdmCheckpointError
+from msd_lora.models.mindone import text_pairs, unet_name
+from msd_lora.models.pretrained import PretrainedModelError, load_model
+from msd_lora.models.safetensors_file import SafetensorsError, read_safetensors_lazy, write_safetensors
+from msd_lora.models.single_file import write_single_file
+from msd_lora.models.tensor_files import TensorFileError, read_tensor_file
+from msd_lora.models.versions import detect_version, shipped_config
+
+
+def test_safetensors_writer_and_reader_agree_with_the_library(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
+               "c": rng.standard_normal((2, 1, 3, 3)).astype(np.float16), "scalar": np.array(2.5, np.float32)}
+    write_safetensors(tmp_path / "ours.safetensors", tensors, {"k": "v"})
+    theirs = load_file(str(tmp_path / "ours.safetensors"))
+    assert all(np.array_equal(theirs[k], v) and theirs[k].dtype == v.dtype for k, v in tensors.items())
+    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"k": "v"})
+    ours, meta = read_safetensors_lazy(tmp_path / "lib.safetensors")
+    assert meta == {"k": "v"} and all(np.array_equal(ours[k], v) for k, v in tensors.items())
+    write_safetensors(tmp_path / "half.safetensors", tensors, dtype="float16")
+    assert load_file(str(tmp_path / "half.safetensors"))["a"].dtype == np.float16
+    assert load_file(str(tmp_path / "half.safetensors"))["b"].dtype == np.int64
+
+
+def test_bfloat16_safetensors_widen_exactly(tmp_path):
+    values = np.array([1.0, -2.5, 3.140625, 65280.0], np.float32)  # exactly representable in bfloat16
+    raw = (values.view(np.uint32) >> 16).astype(np.uint16)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw.tobytes())
+    tensors, _ = read_safetensors_lazy(tmp_path / "bf16.safetensors")
+    assert tensors["w"].dtype == np.float32 and np.array_equal(tensors["w"], values)
+
+
+def test_truncated_and_garbled_safetensors_are_named(tmp_path):
+    write_safetensors(tmp_path / "ok.safetensors", {"w": np.ones((64, 64), np.float32)})
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(SafetensorsError, match=r"cut\.safetensors is truncated: tensor 'w' ends at byte"):
+        read_safetensors_lazy(tmp_path / "cut.safetensors")
+    (tmp_path / "garbled.safetensors").write_bytes(data[:8] + b"#" + data[9:])
+    with pytest.raises(TensorFileError, match=r"garbled\.safetensors"):
+        read_tensor_file(tmp_path / "garbled.safetensors")
+
+
+def test_mindspore_checkpoint_round_trip_slices_and_trailer(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    tensors = {"net.w": rng.standard_normal((40, 3)).astype(np.float32), "net.h": np.arange(6, dtype=np.float16),
+               "lora_rank": np.array(8, np.int64), "flag": np.array([True, False])}
+    monkeypatch.setattr(mindspore_ckpt, "SLICE_BYTES", 100)  # split net.w into several values, as MindSpore does
+    path = mindspore_ckpt.write_mindspore_ckpt(tmp_path / "m.ckpt", tensors)
+    assert path.read_bytes().count(b"net.w") > 1
+    back = mindspore_ckpt.read_mindspore_ckpt(path)
+    assert sorted(back) == sorted(tensors)
+    assert all(np.array_equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+    (tmp_path / "crc.ckpt").write_bytes(path.read_bytes() + b"crc_num" + (123).to_bytes(10, "big"))
+    assert np.array_equal(mindspore_ckpt.read_mindspore_ckpt(tmp_path / "crc.ckpt")["net.w"], tensors["net.w"])
+    (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(TensorFileError, match=r"cut\.ckpt is not a readable MindSpore checkpoint"):
+        read_tensor_file(tmp_path / "cut.ckpt")
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickles_with_code_are_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    with zipfile.ZipFile(tmp_path / "evil.ckpt", "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps({"state_dict": {"w": Payload(marker)}}, protocol=2))
+        archive.writestr("evil/version", "3\n")
+    with pytest.raises(TensorFileError, match=r"(?s)evil\.ckpt: the pickle asks for '(posix|os)\.system'.*refused"):
+        read_tensor_file(tmp_path / "evil.ckpt")
+    (tmp_path / "bare.pt").write_bytes(pickle.dumps({"w": Payload(marker)}))
+    with pytest.raises(TensorFileError, match=r"bare\.pt is a bare pickle"):
+        read_tensor_file(tmp_path / "bare.pt")
+    assert not marker.exists()
+
+
+def fake(shape, dtype=np.float16):
+    """An array of the right shape that costs no memory (the detector only reads shapes)."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+def sd_signature_keys(context, text, in_channels=4):
+    keys = {"model.diffusion_model.input_blocks.0.0.weight": fake((320, in_channels, 3, 3)),
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": fake((320, context))}
+    if text == "clip":
+        keys["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = fake((49408, 768))
+        keys.update({f"cond_stage_model.transformer.text_model.encoder.layers.{i}.mlp.fc1.bias": fake((3072,))
+                     for i in range(12)})
+    else:
+        keys["cond_stage_model.model.token_embedding.weight"] = fake((49408, 1024))
+        keys.update({f"cond_stage_model.model.transformer.resblocks.{i}.ln_1.bias": fake((1024,)) for i in range(24)})
+    return keys
+
+
+def test_version_detection_from_weights():
+    assert detect_version(sd_signature_keys(768, "clip"), {}, "a")[0] == "v1"
+    version, _, note = detect_version(sd_signature_keys(1024, "open_clip"), {}, "b")
+    assert version == "v2-v" and "v2-inference.yaml" in note
+    assert detect_version(sd_signature_keys(1024, "open_clip"), {"global_step": "875000"}, "c")[0] == "v2-base"
+    assert detect_version(sd_signature_keys(1024, "open_clip"), {}, "/m/v2-1_512-ema-pruned.ckpt")[0] == "v2-base"
+    assert detect_version(sd_signature_keys(1024, "open_clip"), {}, "/m/sd_v2_base-57526ee4.ckpt")[0] == "v2-base"
+    assert detect_version(sd_signature_keys(1024, "open_clip"), {}, "/m/v2-1_768-ema-pruned.ckpt")[0] == "v2-v"
+
+
+@pytest.mark.parametrize("tensors,message", [
+    (sd_signature_keys(768, "clip", in_channels=9), "inpainting model"),
+    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": fake((49408, 768)),
+      "model.diffusion_model.input_blocks.0.0.weight": fake((320, 4, 3, 3))}, "SDXL checkpoint"),
+    ({"control_model.input_blocks.0.0.weight": fake((320, 4, 3, 3))}, "ControlNet"),
+    ({"down_blocks.0.resnets.0.conv1.weight": fake((320, 320, 3, 3))}, "diffusers component"),
+])
+def test_unsupported_checkpoints_say_what_they_are(tensors, message):
+    with pytest.raises(UnsupportedArchitectureError, match=message):
+        detect_version(tensors, {}, "model.safetensors")
+
+
+def test_shipped_yamls_describe_sd_exactly():
+    v1, base, v = shipped_config("v1"), shipped_config("v2-base"), shipped_config("v2-v")
+    assert (v1.prediction_type, base.prediction_type, v.prediction_type) == ("epsilon", "epsilon", "v_prediction")
+    assert (v1.image_size, base.image_size, v.image_size) == (512, 512, 768)
+    assert v.architecture["unet"]["upcast_attention"] and not base.architecture["unet"]["upcast_attention"]
+    assert base.architecture["unet"]["attention_head_dim"] == [5, 10, 20, 20]
+    assert base.architecture["unet"]["use_linear_projection"] and not v1.architecture["unet"]["use_linear_projection"]
+    assert base.architecture["text_encoder"]["num_hidden_layers"] == 23
+    assert base.architecture["text_encoder"]["hidden_act"] == "gelu"
+    assert (v1.text_encoder_layout, v.text_encoder_layout) == ("clip", "open_clip")
+
+
+def test_mindone_names_match_mindones_published_parameter_list():
+    """Names copied from mindone's examples/stable_diffusion_v2/tools/model_conversion/ms_names_v2.txt."""
+    names = {unet_name(ldm) for _, ldm in unet_names(shipped_config("v2-base").architecture["unet"])}
+    for expected in ("input_blocks.0.0.conv.weight", "input_blocks.1.0.in_layers_norm.gamma",
+                     "input_blocks.1.0.in_layers_conv.conv.weight", "input_blocks.1.0.out_layers_norm.beta",
+                     "input_blocks.1.0.out_layers_conv.conv.bias", "input_blocks.1.1.norm.gamma",
+                     "input_blocks.3.0.op.conv.weight", "input_blocks.4.0.skip_connection.conv.weight",
+                     "input_blocks.1.1.transformer_blocks.0.norm3.beta", "output_blocks.8.2.conv.conv.weight",
+                     "time_embed.2.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0.bias"):
+        assert expected in names, expected
+    text = {name for _, name in text_pairs(23)}
+    for expected in ("embedding_table", "positional_embedding", "ln_final.gamma",
+                     "transformer_layer.resblocks.22.attn.attn.in_proj.weight", "transformer_layer.resblocks.0.c_fc.bias",
+                     "transformer_layer.resblocks.3.ln_2.gamma"):
+        assert "cond_stage_model.transformer." + expected in text, expected
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tiny_model, tmp_path_factory):
+    """A model yaml describing the tiny model fully (a custom SD variant, as a user would write it)."""
+    model, cfg = load_model(tiny_model)
+    raw = {"name": "tiny-single-file", "version": "tiny", "image_size": 32, "prediction_type": "epsilon",
+           "text_encoder_layout": "clip", "schedule": cfg.schedule,
+           **{n: model.configs[n] for n in ("unet", "vae", "text_encoder")},
+           "tokenizer": {"folder": str(tiny_model / "tokenizer")}}
+    path = tmp_path_factory.mktemp("yaml") / "tiny-full.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("layout,name", [("ldm", "tiny.safetensors"), ("mindone", "tiny.ckpt")])
+def test_single_files_of_the_tiny_model_round_trip_exactly(tiny_model, tiny_yaml, tmp_path, layout, name):
+    model, _ = load_model(tiny_model)
+    write_single_file(model, tmp_path / name, layout, "clip")
+    back, cfg = load_model(tmp_path / name, tiny_yaml)
+    assert back.metadata["format"] == layout and cfg.name == "tiny-single-file"
+    for network in ("unet", "vae", "text_encoder"):
+        assert sorted(back.state[network]) == sorted(model.state[network])
+        for key, value in model.state[network].items():
+            assert np.array_equal(back.state[network][key], value), key
+    assert (back.tokenizer_dir / "vocab.json").is_file()
+
+
+def test_ldm_file_of_another_architecture_is_refused(tiny_model, tiny_yaml, tmp_path):
+    model, _ = load_model(tiny_model)
+    path = write_single_file(model, tmp_path / "tiny.safetensors", "ldm", "clip")
+    with pytest.raises(UnsupportedArchitectureError, match=r"(?s)v1-inference\.yaml does not describe.*"
+                                                           r"cross-attention width: config 768, file 64"):
+        load_model(path, shipped_config("v1").path)
+    from msd_lora.models.tensor_files import read_tensor_file as read
+
+    tensors = dict(read(path).tensors)
+    tensors["model.diffusion_model.label_emb.0.0.weight"] = np.zeros((4, 4), np.float32)  # a class-conditional UNet
+    write_safetensors(tmp_path / "extra.safetensors", tensors)
+    with pytest.raises(LdmCheckpointError, match=r"(?s)1 weights the architecture does not have.*label_emb"):
+        load_model(tmp_path / "extra.safetensors", tiny_yaml)
+
+
+def test_truncated_diffusers_component_is_named(tiny_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(PretrainedModelError, match=r"diffusion_pytorch_model\.safetensors is truncated"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("pad,pad_id", [("<|endoftext|>", 49407), ("!", 0)])
+def test_offline_clip_tokenizers_give_clip_ids(tmp_path, monkeypatch, pad, pad_id):
+    from msd_lora.models.clip_tokenizer import tokenizer_folder
+    from msd_lora.models.pretrained import PromptTokenizer
+
+    monkeypatch.setenv("MSD_LORA_CACHE", str(tmp_path))
+    folder = tokenizer_folder(pad, 77)
+    assert folder.parent == tmp_path and len(json.loads((folder / "vocab.json").read_text())) == 49408
+    ids = PromptTokenizer(folder)(["a photo of a cat"])
+    assert ids.shape == (1, 77)
+    assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407] and ids[0, 7] == pad_id
+    assert tokenizer_folder(pad, 77) == folder  # built once

@@ -1,0 +1,32 @@
+"""Argument and output helpers the eval tools share."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from msd_lora.config import str_to_bool
+
+BACKEND_CHOICES = ("pt", "ms", "torch", "mindspore")
+
+
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="pt", choices=BACKEND_CHOICES,
+                        help="pt (PyTorch) or ms (MindSpore) runs the feature network")
+    parser.add_argument("--device", default="auto", help="torch device (auto, cpu, cuda) or MindSpore target "
+                                                         "(auto, cpu, gpu, ascend)")
+    parser.add_argument("--ms_mode", type=int, default=0, choices=(0, 1),
+                        help="MindSpore execution mode: 0 graph (compiles once, faster per image), 1 pynative")
+    parser.add_argument("--progress", type=str_to_bool, default=True, help="show progress bars")
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    from msd_lora.io_utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)

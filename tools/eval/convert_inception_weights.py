@@ -1,0 +1,40 @@
+"""Convert pytorch-fid's FID InceptionV3 weight file (.pth) to safetensors, checking it against our architecture,
+so a machine without torch (MindSpore only) can load it: `eval_fid.py --backend ms --inception_weights X.safetensors`.
+
+    python tools/eval/convert_inception_weights.py pt_inception-2015-12-05-6726825d.pth fid_inception.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+
+from msd_lora.eval import inception_arch as arch  # noqa: E402
+from msd_lora.eval.weights import WeightsError, read_inception_weights, sha256_of  # noqa: E402
+from msd_lora.models.state_check import StateDictError, check_state_fits  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from safetensors.numpy import save_file
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="the .pth file (read with torch.load(weights_only=True))")
+    p.add_argument("target", help="the .safetensors file to write")
+    args = p.parse_args(argv)
+    try:
+        state, _ = read_inception_weights(args.source)
+        check_state_fits(state, arch.state_shapes(), args.source, "the FID InceptionV3")
+    except (WeightsError, StateDictError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metadata = {"format": "pt", "source": Path(args.source).name, "source_sha256": sha256_of(Path(args.source))}
+    save_file({k: v.astype("float32") for k, v in state.items()}, args.target, metadata=metadata)
+    print(f"{args.target}: {len(state)} tensors from {args.source}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
