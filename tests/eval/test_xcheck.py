@@ -13,9 +13,9 @@ import pytest
 from msd_lora.eval.frechet import feature_statistics, frechet_distance, gaussian_distance
 from msd_lora.eval.images import find_images, read_rgb
 from msd_lora.eval.preprocess import resize_pil_float
-from tests.eval.conftest import XCHECK_PYTHON
+from tests.eval.conftest import XCHECK_PYTHON, XCHECK_READY
 
-pytestmark = pytest.mark.skipif(not XCHECK_PYTHON.exists(), reason=(
+pytestmark = pytest.mark.skipif(not XCHECK_READY.exists(), reason=(
     f"cross-check environment {XCHECK_PYTHON.parent.parent.name} not found: `make xcheck-env` builds it "
     f"(pytorch-fid, clean-fid, torchmetrics, torch 2.14.1 + torchvision 0.29.1; about 1-2 minutes, 5.8 GB)"))
 FID_RTOL = 1e-3  # the acceptance bound; the observed agreement is reported by the assertions' numbers

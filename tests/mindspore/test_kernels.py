@@ -116,6 +116,14 @@ def test_conv2d(kernel, stride, padding, dilation, groups):
     check_against_torch(conv, module, randn(2, 6, 9, 7), cell=conv, module=module)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_with_fewer_pixels_than_channels(stride):
+    """The dense-layer form the substitute takes in deep, low-resolution blocks (n * h_out * w_out <= out)."""
+    module = torch.nn.Conv2d(6, 40, 3, stride=stride, padding=1)
+    conv = mint.nn.Conv2d(6, 40, 3, stride=stride, padding=1)
+    check_against_torch(conv, module, randn(2, 6, 4, 3), cell=conv, module=module)
+
+
 def test_layer_norm():
     module = torch.nn.LayerNorm(16, eps=1e-5)
     with torch.no_grad():

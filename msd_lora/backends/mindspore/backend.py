@@ -1,7 +1,10 @@
 """MindSpore backend: mindone's SD networks, our LoRA cells, a graph-compiled train step with loss scaling."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,26 @@ os.environ.setdefault("MS_ASCEND_CHECK_OVERFLOW_MODE", "INFNAN_MODE")  # before 
 
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, mint, nn, ops  # noqa: E402
+
+
+def _quiet_mindone_import() -> None:
+    """Import mindone without the noise it makes with these versions, which says nothing about this run:
+    transformers 4.57 prints "Config not found" for each mindone model it lacks (parakeet, ...), mindone still
+    imports `mindspore.common.api` (deprecated in 2.9) and calls a deprecated transformers argument."""
+    from mindspore import log as ms_log
+
+    deprecation = lambda record: "is deprecated from version" not in record.getMessage()  # noqa: E731
+    ms_log._get_logger().addFilter(deprecation)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            import mindone.diffusers  # noqa: F401
+            import mindone.transformers  # noqa: F401
+    finally:
+        ms_log._get_logger().removeFilter(deprecation)
+
+
+_quiet_mindone_import()
 
 from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, StepResult  # noqa: E402
 from msd_lora.backends.mindspore import lora as ms_lora  # noqa: E402

@@ -109,6 +109,9 @@ class TorchBackend(Backend):
 
     # --- LoRA --------------------------------------------------------------------------------
     def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
+        if spec.fp16:
+            warnings.warn("lora_fp16 applies to the MindSpore backend; on torch, mixed_precision: fp16 (CUDA) sets "
+                          "the compute dtype of the whole step", UserWarning, stacklevel=2)
         self.alpha = spec.alpha
         for component, names in targets.items():
             torch_lora.inject(self.components[component], spec, names)
