@@ -66,6 +66,10 @@ def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *_unused) -> n
         value = flat[offset:offset + 1]
         return (bfloat16_to_float32(value) if storage.bfloat16 else np.array(value)).reshape(())
     itemsize = flat.dtype.itemsize
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if offset < 0 or any(s < 0 for s in stride) or last >= flat.size:  # as_strided would read outside the storage
+        raise TorchFileError(f"a tensor of shape {size}, strides {stride} at offset {offset} does not fit its "
+                             f"storage of {flat.size} elements: the file is corrupt or crafted")
     view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=tuple(s * itemsize for s in stride),
                                            writeable=False)
     if storage.bfloat16:

@@ -95,6 +95,18 @@ def test_pickles_with_code_are_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("offset,size,stride", [(0, (4, 4), (4, 1)), (10, (2, 4), (4, 1)), (0, (3,), (-1,)),
+                                                (-2, (2,), (1,))])
+def test_tensor_views_outside_their_storage_are_refused(offset, size, stride):
+    """A crafted checkpoint could ask for a view past its bytes (as_strided does not check): refused, not read."""
+    from msd_lora.models.torch_pickle import TorchFileError, _rebuild_tensor, _Storage
+
+    storage = _Storage(np.arange(12, dtype=np.float32))
+    with pytest.raises(TorchFileError, match="does not fit its storage"):
+        _rebuild_tensor(storage, offset, size, stride)
+    assert np.array_equal(_rebuild_tensor(storage, 2, (2, 5), (5, 1)), np.arange(2, 12).reshape(2, 5))
+
+
 def fake(shape, dtype=np.float16):
     """An array of the right shape that costs no memory (the detector only reads shapes)."""
     return np.broadcast_to(np.zeros((), dtype), shape)

@@ -27,8 +27,9 @@ def _quiet_mindone_import() -> None:
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            import mindone.diffusers  # noqa: F401
-            import mindone.transformers  # noqa: F401
+            # mindone loads its modules lazily: import the classes, so that their import happens here
+            from mindone.diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+            from mindone.transformers import CLIPTextModel  # noqa: F401
     finally:
         ms_log._get_logger().removeFilter(deprecation)
 
