@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.lora.formats import FORMATS, read_lora, write_lora  # noqa: E402
 from msd_lora.lora.module_index import ModuleIndex  # noqa: E402
 
@@ -45,16 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        index = module_index(args.base, args.model_config)
-        lora = read_lora(args.input, index)
-        dtype = {"fp16": "float16", "fp32": "float32"}.get(args.dtype)
-        out = write_lora(args.output, lora.weights, args.to, index, base_model=args.base, dtype=dtype)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    index = module_index(args.base, args.model_config)
+    lora = read_lora(args.input, index)
+    dtype = {"fp16": "float16", "fp32": "float32"}.get(args.dtype)
+    out = write_lora(args.output, lora.weights, args.to, index, base_model=args.base, dtype=dtype)
     print(f"wrote {out}: {len(lora.weights)} layers, {lora.format} -> {args.to}")
     return 0
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.models.export import MODEL_FORMATS, save_model  # noqa: E402
 from msd_lora.models.pretrained import load_model  # noqa: E402
 
@@ -32,16 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        model, cfg = load_model(args.input, args.model_config or None, use_ema=args.ema)
-        if model.metadata.get("note"):
-            print(f"note: {model.metadata['note']}", file=sys.stderr)
-        out = save_model(model, cfg, args.output, args.to, args.dtype)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, cfg = load_model(args.input, args.model_config or None, use_ema=args.ema)
+    if model.metadata.get("note"):
+        print(f"note: {model.metadata['note']}", file=sys.stderr)
+    out = save_model(model, cfg, args.output, args.to, args.dtype)
     print(f"wrote {out} ({args.to}, {cfg.name})")
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.lora.formats import FORMATS, read_lora, write_lora  # noqa: E402
 from msd_lora.lora.merge import extract_lora, merge_into_state  # noqa: E402
 from msd_lora.lora.module_index import ModuleIndex  # noqa: E402
@@ -84,13 +85,10 @@ def extract(args) -> str:
     return f"extracted a rank-{args.rank} LoRA on {len(weights)} layers -> {out}"
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        message = extract(args) if args.extract else merge(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    message = extract(args) if args.extract else merge(args)
     print(message)
     return 0
 

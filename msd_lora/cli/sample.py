@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from msd_lora.cli.errors import exits_on_user_error
 from msd_lora.config import REPO_ROOT, str_to_bool
 from msd_lora.diffusion.samplers import SAMPLERS
 
@@ -121,13 +122,10 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
+@exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = run(args)
     print(f"samples in {out / 'samples'}, grids in {out}")
     return 0
 

@@ -4,22 +4,20 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from msd_lora.config import ConfigError, build_parser, load_train_config
+from msd_lora.cli.errors import exits_on_user_error
+from msd_lora.config import build_parser, load_train_config
 
 
+@exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
         return 0
-    try:
-        cfg = load_train_config(argv)
-        from msd_lora.train import train
+    cfg = load_train_config(argv)
+    from msd_lora.train import train
 
-        result = train(cfg)
-    except (ConfigError, ValueError, PermissionError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = train(cfg)
     print(f"LoRA: {result.lora_path}  ({result.steps} steps, {result.skipped_steps} skipped, "
           f"final loss {result.final_loss:.4f})")
     print(f"log: {result.output_path / 'train_log.csv'}  validation: {result.output_path / 'validation'}")

@@ -12,11 +12,13 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
+from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval import inception_arch as arch  # noqa: E402
-from msd_lora.eval.weights import WeightsError, read_inception_weights, sha256_of  # noqa: E402
-from msd_lora.models.state_check import StateDictError, check_state_fits  # noqa: E402
+from msd_lora.eval.weights import read_inception_weights, sha256_of  # noqa: E402
+from msd_lora.models.state_check import check_state_fits  # noqa: E402
 
 
+@exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     from safetensors.numpy import save_file
 
@@ -24,12 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("source", help="the .pth file (read with torch.load(weights_only=True))")
     p.add_argument("target", help="the .safetensors file to write")
     args = p.parse_args(argv)
-    try:
-        state, _ = read_inception_weights(args.source)
-        check_state_fits(state, arch.state_shapes(), args.source, "the FID InceptionV3")
-    except (WeightsError, StateDictError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    state, _ = read_inception_weights(args.source)
+    check_state_fits(state, arch.state_shapes(), args.source, "the FID InceptionV3")
     metadata = {"format": "pt", "source": Path(args.source).name, "source_sha256": sha256_of(Path(args.source))}
     save_file({k: v.astype("float32") for k, v in state.items()}, args.target, metadata=metadata)
     print(f"{args.target}: {len(state)} tensors from {args.source}")

@@ -16,6 +16,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
+from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval.clip_model import DEFAULT_CLIP_MODEL  # noqa: E402
 from tools.eval._common import add_backend_args, print_notes, write_json  # noqa: E402
 
@@ -47,15 +48,12 @@ def run(args: argparse.Namespace) -> dict:
     return scorer.score(args.image_path_or_dir, prompts, args.images_per_prompt)
 
 
+@exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     from msd_lora.io_utils import atomic_write_text
 
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = run(args)
     print_notes(result["notes"])
     atomic_write_text(args.output_jsonl, "".join(json.dumps(r) + "\n" for r in result["records"]))
     if args.output_json:

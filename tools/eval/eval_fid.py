@@ -15,6 +15,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
+from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval.preprocess import DEFAULT_RESIZE, PROTOCOLS  # noqa: E402
 from tools.eval._common import add_backend_args, print_notes, write_json  # noqa: E402
 
@@ -56,13 +57,10 @@ def run(args: argparse.Namespace) -> dict:
     return evaluator.fid(real, args.gen_dir)
 
 
+@exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = run(args)
     print_notes(result["notes"])
     if args.output_json:
         write_json(args.output_json, result)

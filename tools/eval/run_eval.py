@@ -17,6 +17,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
+from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval.clip_model import DEFAULT_CLIP_MODEL  # noqa: E402
 from msd_lora.eval.preprocess import DEFAULT_RESIZE, PROTOCOLS  # noqa: E402
 from tools.eval._common import add_backend_args, print_notes, write_json  # noqa: E402
@@ -121,13 +122,10 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+@exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = run(args)
     for key, _ in CONDITIONS:
         print_notes(summary["results"][key]["fid"]["notes"] + summary["results"][key]["clip"]["notes"])
     print((Path(args.output_path) / "results.md").read_text(encoding="utf-8"))
