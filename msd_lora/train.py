@@ -130,8 +130,11 @@ class Trainer:
         state = load_resume(path)
         if state.step > self.plan.total_steps:
             raise ResumeError(f"{path} is at step {state.step}, past this run's {self.plan.total_steps} steps")
-        self.backend.set_lora_weights(state.lora)
-        self.backend.load_training_state(state.arrays, state.scalars)
+        try:
+            self.backend.set_lora_weights(state.lora)
+        except ValueError as err:
+            raise ResumeError(f"{path} does not fit this run's LoRA: {err}") from None
+        self.backend.load_training_state(state.arrays, state.scalars, source=str(path))
         log_message(f"resumed from {path} at step {state.step}")
         return state.step, int(state.scalars.get("skipped_steps", 0))
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from msd_lora.lora.keys import LoraWeights
+from msd_lora.checkpoint import TrainingState, check_training_state
+from msd_lora.lora.keys import LoraWeights, check_lora_fits, to_tensors
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
 
@@ -72,6 +73,12 @@ class StepResult:
     loss_scale: float
 
 
+def check_only_lora_trainable(trainable: int, lora: int) -> None:
+    """What mindone asserts after injecting LoRA: nothing but the LoRA weights may train."""
+    if trainable != lora:
+        raise RuntimeError(f"only the {lora} LoRA parameters may be trainable, found {trainable} trainable")
+
+
 class Backend(ABC):
     """One framework's adapter: model building, LoRA, training step, sampling primitives."""
 
@@ -105,8 +112,14 @@ class Backend(ABC):
     @abstractmethod
     def lora_weights(self, ema: bool = False) -> LoraWeights: ...
 
+    def set_lora_weights(self, weights: LoraWeights) -> None:
+        """Write `weights` into the live LoRA layers, after checking their names, shapes and alphas fit."""
+        check_lora_fits(weights, self.lora_weights())
+        self._write_lora_weights(weights)
+
     @abstractmethod
-    def set_lora_weights(self, weights: LoraWeights) -> None: ...
+    def _write_lora_weights(self, weights: LoraWeights) -> None:
+        """Copy checked weights into the LoRA layers."""
 
     # --- training ----------------------------------------------------------------------------
     @abstractmethod
@@ -118,7 +131,8 @@ class Backend(ABC):
 
     @abstractmethod
     def eval_loss(self, batch: StepBatch) -> float:
-        """The training loss of a batch without gradients or updates."""
+        """The training loss of a batch, changing no weights or optimizer state (a backend may still compute
+        gradients to reuse its compiled train step)."""
 
     @abstractmethod
     def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
@@ -126,17 +140,26 @@ class Backend(ABC):
 
     @abstractmethod
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(arrays, scalars) that resume training exactly: optimizer moments by LoRA key, EMA, loss scale."""
+        """(arrays, scalars) that resume training exactly: optimizer moments by LoRA key, EMA, and the loss scale
+        (`loss_scale`, `scaler_growth_tracker`) only where a loss scaler is in use."""
+
+    def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any],
+                            source: str = "resume state") -> None:
+        """Restore `training_state()` output (possibly the other backend's), checked against this model's LoRA."""
+        shapes = {k: v.shape for k, v in to_tensors(self.lora_weights()).items()}
+        self._restore_training_state(check_training_state(arrays, scalars, shapes, source))
 
     @abstractmethod
-    def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None: ...
+    def _restore_training_state(self, state: TrainingState) -> None:
+        """Set moments and step (fresh when absent), EMA (from the weights when absent), and the dynamic loss
+        scale (only under a dynamic scaler, and only when the state recorded one)."""
 
     # --- sampling ----------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, token_ids: np.ndarray) -> Any: ...
 
     @abstractmethod
-    def denoise(self, latents: Any, t: int, contexts: list[Any]) -> list[Any]:
+    def denoise(self, latents: Any, t: float, contexts: list[Any]) -> list[Any]:
         """UNet predictions for `latents` under each context, computed in one batched call."""
 
     @abstractmethod

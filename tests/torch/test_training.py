@@ -109,6 +109,21 @@ def test_interrupted_and_resumed_run_ends_with_identical_lora(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
 
 
+@pytest.mark.parametrize("changed, message", [
+    (("--lora_alpha", "8"), r"alpha 4 differs from the model's lora_alpha 8, .* set lora_alpha: 4"),
+    (("--lora_rank", "8"), r"shape \(4, \d+\) does not fit the model's \(8, \d+\)"),
+])
+def test_resume_with_other_lora_settings_is_refused(tmp_path, changed, message):
+    """Resuming under another alpha would silently rescale the learned update; another rank cannot fit."""
+    from msd_lora.checkpoint import ResumeError
+
+    args = ("--max_train_steps", "2", "--ckpt_save_interval", "1", "--step_mode", "True", "--lora_rank", "4",
+            "--lora_alpha", "4")
+    make_trainer(tmp_path, *args).run()
+    with pytest.raises(ResumeError, match="train_resume.safetensors does not fit this run's LoRA: .*" + message):
+        make_trainer(tmp_path, *args, "--max_train_steps", "4", "--resume", "True", *changed).run()
+
+
 def test_text_encoder_lora_trains_and_saves_both_components(tmp_path):
     trainer = make_trainer(tmp_path, "--max_train_steps", "2", "--lora_ft_text_encoder", "True")
     result = trainer.run()

@@ -126,3 +126,19 @@ def test_non_lora_safetensors_is_rejected(tmp_path):
     save_file({"conv.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(LoraFileError, match="not a canonical LoRA file"):
         load_lora(tmp_path / "model.safetensors")
+
+
+def test_weights_written_into_a_live_lora_must_fit_names_shapes_and_alpha():
+    from msd_lora.lora.keys import check_lora_fits
+
+    def lora(rank, alpha, key="unet.a.to_q"):
+        return {key: LoraLayer(down=np.zeros((rank, 6), np.float32), up=np.zeros((5, rank), np.float32), alpha=alpha)}
+
+    check_lora_fits(lora(2, 2.0), lora(2, 2.0))
+    with pytest.raises(ValueError, match=r"1 missing \(e.g. \['unet.a.to_q'\]\), 1 unexpected \(e.g. \['unet.b"):
+        check_lora_fits(lora(2, 2.0, "unet.b.to_q"), lora(2, 2.0))
+    with pytest.raises(ValueError, match=r"unet.a.to_q.lora_A.weight: shape \(4, 6\) does not fit the model's \(2, 6\)"):
+        check_lora_fits(lora(4, 2.0), lora(2, 2.0))
+    with pytest.raises(ValueError, match=r"unet.a.to_q: alpha 1 differs from the model's lora_alpha 2, which would "
+                                         r"rescale the update by 2: set lora_alpha: 1"):
+        check_lora_fits(lora(2, 1.0), lora(2, 2.0))

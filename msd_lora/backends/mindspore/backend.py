@@ -36,12 +36,14 @@ def _quiet_mindone_import() -> None:
 
 _quiet_mindone_import()
 
-from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, StepResult  # noqa: E402
+from msd_lora.backends.base import (Backend, ModelInfo, OptimizerSettings, StepBatch, StepResult,  # noqa: E402
+                                    check_only_lora_trainable)
+from msd_lora.checkpoint import TrainingState  # noqa: E402
 from msd_lora.backends.mindspore import lora as ms_lora  # noqa: E402
 from msd_lora.backends.mindspore.kernels import apply_cpu_kernel_substitutes  # noqa: E402
 from msd_lora.backends.mindspore.models import build_networks, load_state, named_parameters  # noqa: E402
 from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeLatents, FlatLayout, TrainStep  # noqa: E402
-from msd_lora.lora.keys import LoraWeights  # noqa: E402
+from msd_lora.lora.keys import LoraWeights, to_tensors  # noqa: E402
 from msd_lora.lora.spec import LoraSpec  # noqa: E402
 from msd_lora.models.pretrained import PretrainedModel  # noqa: E402
 
@@ -145,7 +147,7 @@ class MindSporeBackend(Backend):
 
     def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
         params = self._base_params()
-        return {n: params[n].asnumpy().copy() for n in (names or params)}
+        return {n: params[n].asnumpy().copy() for n in (params if names is None else names)}
 
     def set_base_weights(self, values: dict[str, np.ndarray]) -> None:
         params = self._base_params()
@@ -157,14 +159,14 @@ class MindSporeBackend(Backend):
     # --- LoRA --------------------------------------------------------------------------------
     def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
         self.alpha = spec.alpha
+        self.step = None  # a train step built before holds the old parameter list
         for component, names in targets.items():
             self.lora_cells.update(ms_lora.inject(self.components[component], component, names, spec))
         lora_params = [p for _, p in self._lora_items()]
         for param in lora_params:
             param.requires_grad = True
         trainable = [p for m in (self.unet, self.text_encoder, self.vae) for p in m.trainable_params()]
-        assert len(trainable) == len(lora_params), (
-            f"only the {len(lora_params)} LoRA parameters may be trainable, found {len(trainable)}")
+        check_only_lora_trainable(len(trainable), len(lora_params))
         self.set_lora_weights(init)
         self._build_graphs()
 
@@ -181,7 +183,7 @@ class MindSporeBackend(Backend):
                 layer.down, layer.up = averages[f"{key}.lora_A.weight"], averages[f"{key}.lora_B.weight"]
         return weights
 
-    def set_lora_weights(self, weights: LoraWeights) -> None:
+    def _write_lora_weights(self, weights: LoraWeights) -> None:
         ms_lora.write_weights(self.lora_cells, weights)
 
     # --- training ----------------------------------------------------------------------------
@@ -238,28 +240,23 @@ class MindSporeBackend(Backend):
             arrays.update({f"{prefix}.{k}": v for k, v in layout.split(flat.asnumpy()).items()})
         if step.use_ema:
             arrays.update({f"ema.{k}": v for k, v in layout.split(step.ema.asnumpy()).items()})
-        scalars = {"optimizer_step": int(step.optimizer.step.asnumpy()), "loss_scale": float(step.loss_scale.asnumpy()),
-                   "scaler_growth_tracker": int(step.good_steps.asnumpy())}
+        scalars = {"optimizer_step": int(step.optimizer.step.asnumpy())}
+        if bool(step.dynamic.asnumpy()):
+            scalars.update(loss_scale=float(step.loss_scale.asnumpy()),
+                           scaler_growth_tracker=int(step.good_steps.asnumpy()))
         return arrays, scalars
 
-    def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+    def _restore_training_state(self, state: TrainingState) -> None:
         step, layout = self.step, self.step.layout
-        current = self.lora_weights()
-        lora = {f"{k}.lora_{p}.weight": getattr(layer, "down" if p == "A" else "up")
-                for k, layer in current.items() for p in ("A", "B")}
-        targets = [("optimizer.exp_avg", step.optimizer.exp_avg, None),
-                   ("optimizer.exp_avg_sq", step.optimizer.exp_avg_sq, None)]
+        moments = (state.exp_avg, state.exp_avg_sq) if state.exp_avg is not None else (None, None)
+        for param, values in zip((step.optimizer.exp_avg, step.optimizer.exp_avg_sq), moments):
+            param.set_data(Tensor(layout.join(values) if values is not None else np.zeros(layout.total, np.float32)))
+        step.optimizer.step.set_data(Tensor(float(state.optimizer_step), ms.float32))
         if step.use_ema:
-            targets.append(("ema", step.ema, lora))  # a resume file without EMA starts it from the weights
-        for prefix, param, fallback in targets:
-            found = {k: arrays[f"{prefix}.{k}"] for k in layout.names if f"{prefix}.{k}" in arrays}
-            if found or fallback is not None:
-                values = {k: found.get(k, (fallback or {}).get(k, np.zeros(s, np.float32)))
-                          for k, s in zip(layout.names, layout.shapes)}
-                param.set_data(Tensor(layout.join(values)))
-        step.optimizer.step.set_data(Tensor(float(scalars.get("optimizer_step", 0)), ms.float32))
-        step.loss_scale.set_data(Tensor(float(scalars.get("loss_scale", step.loss_scale.asnumpy())), ms.float32))
-        step.good_steps.set_data(Tensor(int(scalars.get("scaler_growth_tracker", 0)), ms.int32))
+            step.ema.set_data(Tensor(layout.join(state.ema if state.ema is not None else to_tensors(self.lora_weights()))))
+        if bool(step.dynamic.asnumpy()) and state.loss_scale is not None:
+            step.loss_scale.set_data(Tensor(state.loss_scale, ms.float32))
+            step.good_steps.set_data(Tensor(state.scaler_growth_tracker, ms.int32))
 
     # --- sampling ----------------------------------------------------------------------------
     def encode_prompts(self, token_ids: np.ndarray) -> Tensor:

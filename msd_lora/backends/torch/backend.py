@@ -8,8 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, StepResult
+from msd_lora.backends.base import (Backend, ModelInfo, OptimizerSettings, StepBatch, StepResult,
+                                    check_only_lora_trainable)
 from msd_lora.backends.torch import lora as torch_lora
+from msd_lora.checkpoint import TrainingState
 from msd_lora.diffusion.schedule import add_noise, training_target
 from msd_lora.lora.keys import LoraWeights
 from msd_lora.lora.spec import LoraSpec
@@ -97,7 +99,7 @@ class TorchBackend(Backend):
 
     def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
         params = self._base_params()
-        return {n: params[n].detach().float().cpu().numpy().copy() for n in (names or params)}
+        return {n: params[n].detach().float().cpu().numpy().copy() for n in (params if names is None else names)}
 
     def set_base_weights(self, values: dict[str, np.ndarray]) -> None:
         params = self._base_params()
@@ -121,7 +123,7 @@ class TorchBackend(Backend):
         for param in self.lora_params.values():
             param.requires_grad_(True)
         trainable = [p for m in (self.unet, self.text_encoder, self.vae) for p in m.parameters() if p.requires_grad]
-        assert len(trainable) == len(self.lora_params), "only LoRA parameters may be trainable"
+        check_only_lora_trainable(len(trainable), len(self.lora_params))
         self.set_lora_weights(init)
 
     def lora_weights(self, ema: bool = False) -> LoraWeights:
@@ -129,7 +131,7 @@ class TorchBackend(Backend):
             return torch_lora.read_weights(dict(zip(self.lora_params, self.ema)), self.alpha)
         return torch_lora.read_weights(self.lora_params, self.alpha)
 
-    def set_lora_weights(self, weights: LoraWeights) -> None:
+    def _write_lora_weights(self, weights: LoraWeights) -> None:
         torch_lora.write_weights(self.lora_params, weights)
 
     # --- training ----------------------------------------------------------------------------
@@ -216,26 +218,26 @@ class TorchBackend(Backend):
                 arrays[f"optimizer.exp_avg_sq.{key}"] = state["exp_avg_sq"].float().cpu().numpy()
         if self.ema is not None:
             arrays.update({f"ema.{k}": e.float().cpu().numpy() for k, e in zip(self.lora_params, self.ema)})
-        scalars = {"optimizer_step": step, "loss_scale": float(self.scaler.get_scale()) if self.scaler else 1.0}
-        if self.scaler:
-            scalars["scaler_growth_tracker"] = int(self.scaler.state_dict()["_growth_tracker"])
+        scalars = {"optimizer_step": step}
+        if self.scaler and self.settings.loss_scaler_type == "dynamic":
+            scalars.update(loss_scale=float(self.scaler.get_scale()),
+                           scaler_growth_tracker=int(self.scaler.state_dict()["_growth_tracker"]))
         return arrays, scalars
 
-    def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+    def _restore_training_state(self, state: TrainingState) -> None:
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        step = int(scalars.get("optimizer_step", 0))
-        for key, param in self.lora_params.items():
-            if step and f"optimizer.exp_avg.{key}" in arrays:
-                self.optimizer.state[param] = {"step": torch.tensor(float(step)),
-                                               "exp_avg": to(arrays[f"optimizer.exp_avg.{key}"]),
-                                               "exp_avg_sq": to(arrays[f"optimizer.exp_avg_sq.{key}"])}
+        self.optimizer.state.clear()
+        if state.exp_avg is not None:
+            for key, param in self.lora_params.items():
+                self.optimizer.state[param] = {"step": torch.tensor(float(state.optimizer_step)),
+                                               "exp_avg": to(state.exp_avg[key]), "exp_avg_sq": to(state.exp_avg_sq[key])}
         if self.ema is not None:
-            self.ema = [to(arrays[f"ema.{k}"]) if f"ema.{k}" in arrays else p.detach().clone()
+            self.ema = [to(state.ema[k]) if state.ema is not None else p.detach().clone()
                         for k, p in self.lora_params.items()]
-        if self.scaler:
-            state = self.scaler.state_dict()
-            state.update(scale=float(scalars["loss_scale"]), _growth_tracker=int(scalars["scaler_growth_tracker"]))
-            self.scaler.load_state_dict(state)
+        if self.scaler and self.settings.loss_scaler_type == "dynamic" and state.loss_scale is not None:
+            scaler_state = self.scaler.state_dict()
+            scaler_state.update(scale=state.loss_scale, _growth_tracker=state.scaler_growth_tracker)
+            self.scaler.load_state_dict(scaler_state)
 
     # --- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
