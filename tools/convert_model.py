@@ -25,7 +25,8 @@ from msd_lora.models.pretrained import load_model  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("input", help="diffusers folder, LDM .safetensors/.ckpt, or mindone .ckpt")
-    p.add_argument("output", help="a folder (--to diffusers), *.safetensors (--to ldm) or *.ckpt (--to mindone)")
+    p.add_argument("output", help="a folder (--to diffusers; a diffusers model already there is replaced whole), "
+                                  "*.safetensors (--to ldm) or *.ckpt (--to mindone)")
     p.add_argument("--to", required=True, choices=MODEL_FORMATS)
     p.add_argument("--model_config", default="", help="model yaml (default: detected / the folder's configs)")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default=None, help="cast floats (default: keep)")

@@ -6,7 +6,8 @@ old (diffusers 0.14 - 0.23):          [unet.]<attention>.processor.to_q_lora.dow
                                       (to_k, to_v, to_out -> to_out.0), unet.<module>.lora.down.weight,
                                       text_encoder.<module>.lora_linear_layer.down.weight,
                                       text_encoder.<self_attn>.to_q_lora.down.weight (-> q_proj ...)
-The old layouts store no alpha (alpha = rank); writing them bakes alpha/rank into `up`.
+The old layouts store no alpha (alpha = rank; `<stem>.alpha` tensors some files carry are read); writing
+them bakes alpha/rank into `up`.
 """
 from __future__ import annotations
 
@@ -74,11 +75,20 @@ def is_old_diffusers(keys) -> bool:
     return any(old_key(k) for k in keys)
 
 
+def old_alpha_key(stem: str) -> str:
+    """Canonical module key of an old-diffusers `<stem>.alpha`: the stem of a LoRA layer
+    (`unet.<attn>.processor.to_q_lora`, `text_encoder.<module>.lora_linear_layer`, ...) or a module path."""
+    parsed = old_key(f"{stem}.down.weight")
+    if parsed:
+        return parsed[0]
+    return stem if stem.startswith(tuple(f"{c}." for c in COMPONENTS)) else f"unet.{stem}"
+
+
 def read_old(tensors: dict[str, np.ndarray], source: str) -> LoraWeights:
     canonical, alphas, unknown = {}, {}, []
     for name, value in tensors.items():
         if name.endswith(".alpha"):
-            alphas[name[: -len(".alpha")]] = float(np.asarray(value).reshape(-1)[0])
+            alphas[old_alpha_key(name[: -len(".alpha")])] = float(np.asarray(value).reshape(-1)[0])
             continue
         parsed = old_key(name)
         if parsed is None:
@@ -89,7 +99,12 @@ def read_old(tensors: dict[str, np.ndarray], source: str) -> LoraWeights:
     if unknown:
         raise LoraFormatError(f"{source}: {len(unknown)} keys are not old-diffusers LoRA keys, e.g. "
                               f"{', '.join(unknown[:3])}")
-    return from_tensors(canonical, alphas or None)
+    weights = from_tensors(canonical, alphas or None)
+    stray = sorted(set(alphas) - set(weights))
+    if stray:
+        raise LoraFormatError(f"{source}: {len(stray)} .alpha tensors belong to no LoRA layer, e.g. "
+                              f"{', '.join(stray[:3])}")
+    return weights
 
 
 def write_old(weights: LoraWeights) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from msd_lora.lora.format_diffusers import LoraFormatError
+from msd_lora.lora.io import most_common
 from msd_lora.lora.keys import LoraLayer, LoraWeights, split_module_key
 from msd_lora.lora.module_index import ModuleIndex, flat
 
@@ -70,10 +71,6 @@ def read_kohya(tensors: dict[str, np.ndarray], index: ModuleIndex, source: str) 
     return weights
 
 
-def _most_common(values: list) -> object:
-    return max(sorted(set(values)), key=values.count)
-
-
 def _sd_version(weights: LoraWeights) -> str:
     widths = {layer.down.shape[1] for key, layer in weights.items() if key.endswith("attn2.to_k")}
     return {768: "sd_v1", 1024: "sd_v2"}.get(widths.pop(), "") if len(widths) == 1 else ""
@@ -96,10 +93,10 @@ def write_kohya(weights: LoraWeights, dtype: str | None = None) -> tuple[dict[st
     metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": version,
                 "ss_v2": str(version == "sd_v2")}
     if linear:
-        metadata["ss_network_dim"] = str(_most_common([layer.rank for layer in linear]))
-        metadata["ss_network_alpha"] = repr(_most_common([float(layer.alpha) for layer in linear]))
+        metadata["ss_network_dim"] = str(most_common([layer.rank for layer in linear]))
+        metadata["ss_network_alpha"] = repr(most_common([float(layer.alpha) for layer in linear]))
     if conv:
-        args = {"conv_dim": str(_most_common([layer.rank for layer in conv])),
-                "conv_alpha": repr(_most_common([float(layer.alpha) for layer in conv]))}
+        args = {"conv_dim": str(most_common([layer.rank for layer in conv])),
+                "conv_alpha": repr(most_common([float(layer.alpha) for layer in conv]))}
         metadata["ss_network_args"] = json.dumps(args)
     return tensors, metadata

@@ -11,9 +11,12 @@ the same update). Writing folds alpha/rank into B.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from msd_lora.lora.format_diffusers import LoraFormatError, baked
+from msd_lora.lora.io import most_common
 from msd_lora.lora.keys import LoraLayer, LoraWeights, split_module_key
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.models.ldm import UNET
@@ -22,6 +25,7 @@ TEXT = "cond_stage_model.transformer.transformer_layer.resblocks."
 TEXT_MODULES = {"attn.attn.out_proj": "self_attn.out_proj", "c_fc": "mlp.fc1", "c_proj": "mlp.fc2"}
 SCALARS = ("lora_rank", "lora_alpha", "epoch_num", "cur_step", "loss_scale", "global_step")
 QKV = ("q_proj", "k_proj", "v_proj")
+MINDONE_LOADS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".attn.attn.in_proj", ".attn.attn.out_proj")
 
 
 def is_mindone(keys) -> bool:
@@ -61,6 +65,9 @@ def read_mindone(tensors: dict[str, np.ndarray], index: ModuleIndex, source: str
         if cell.startswith(UNET) and cell[len(UNET):] in unet_modules:
             weights[f"unet.{unet_modules[cell[len(UNET):]]}"] = LoraLayer(down=down, up=up, alpha=rank)
         elif text and text[1] == "attn.attn.in_proj":
+            if up.ndim != 2 or up.shape[0] % 3:
+                raise LoraFormatError(f"{source}: {cell}.lora_up.weight has shape {tuple(up.shape)}; a fused q, k, v "
+                                      f"in_proj LoRA needs 3 x width rows")
             for proj, block in zip(QKV, np.split(up, 3, axis=0)):
                 module = f"text_encoder.text_model.encoder.layers.{text[0]}.self_attn.{proj}"
                 weights[module] = LoraLayer(down=down, up=block, alpha=rank)
@@ -125,5 +132,22 @@ def write_mindone(weights: LoraWeights, index: ModuleIndex) -> dict[str, np.ndar
         cell = f"{TEXT}{number}.attn.attn.in_proj"
         out[f"{cell}.lora_down.weight"], out[f"{cell}.lora_up.weight"] = fused.down, fused.up
     ranks = [v.shape[0] for k, v in out.items() if k.endswith(".lora_down.weight")]
-    out["lora_rank"] = np.array(max(set(ranks), key=ranks.count) if ranks else 0, dtype=np.int64)
+    out["lora_rank"] = np.array(most_common(ranks) if ranks else 0, dtype=np.int64)
+    _warn_unloadable(out, int(out["lora_rank"]))
     return out
+
+
+def _warn_unloadable(out: dict[str, np.ndarray], rank: int) -> None:
+    """mindone's loader injects LoRA only on attention projections, all of rank `lora_rank`: say what it skips."""
+    cells = [k[: -len(".lora_down.weight")] for k in out if k.endswith(".lora_down.weight")]
+    other_layer = [c for c in cells if not c.endswith(MINDONE_LOADS)]
+    other_rank = [c for c in cells if c not in other_layer and out[f"{c}.lora_down.weight"].shape[0] != rank]
+    reasons = []
+    if other_layer:
+        reasons.append(f"{len(other_layer)} layers are not attention projections (e.g. {', '.join(other_layer[:2])})")
+    if other_rank:
+        reasons.append(f"{len(other_rank)} have a rank other than lora_rank {rank}, e.g. a q/k/v LoRA without a "
+                       f"shared A fused to rank 3r ({', '.join(other_rank[:2])})")
+    if reasons:
+        warnings.warn(f"mindone's own LoRA loader will not load all of this file: {'; '.join(reasons)}. msd-lora "
+                      f"reads it back with the same update.", UserWarning, stacklevel=3)

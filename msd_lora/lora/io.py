@@ -12,6 +12,7 @@ Metadata (all strings, as safetensors requires):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def _targets(weights: LoraWeights) -> dict[str, list[str]]:
     return {c: sorted(v) for c, v in found.items()}
 
 
-def _most_common(values: list) -> object:
+def most_common(values: list):
+    """The value that occurs most often (the smallest of those tied)."""
     return max(sorted(set(values)), key=values.count)
 
 
@@ -58,8 +60,8 @@ def adapter_metadata(weights: LoraWeights) -> dict:
     adapter: dict = {}
     for component, leaves in _targets(weights).items():
         layers = {split_module_key(k)[1]: layer for k, layer in weights.items() if split_module_key(k)[0] == component}
-        rank = _most_common([layer.rank for layer in layers.values()])
-        alpha = _most_common([float(layer.alpha) for layer in layers.values()])
+        rank = most_common([layer.rank for layer in layers.values()])
+        alpha = most_common([float(layer.alpha) for layer in layers.values()])
         adapter.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
                         f"{component}.target_modules": leaves,
                         f"{component}.rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != rank},
@@ -109,12 +111,25 @@ def alphas_from_metadata(meta: dict[str, str], keys: list[str]) -> dict[str, flo
         alphas = {}
         for key in keys:
             component, module = split_module_key(key)
-            pattern = adapter.get(f"{component}.alpha_pattern") or {}
-            if module in pattern:
-                alphas[key] = float(pattern[module])
+            pattern = pattern_key(adapter.get(f"{component}.alpha_pattern") or {}, module)
+            if pattern is not None:
+                alphas[key] = float(adapter[f"{component}.alpha_pattern"][pattern])
             elif f"{component}.lora_alpha" in adapter:
                 alphas[key] = float(adapter[f"{component}.lora_alpha"])
         return alphas
+    return None
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """The first of peft's rank/alpha_pattern keys that names `module`, as peft matches them: a regex for the
+    whole name or for a suffix after a '.' (`peft.utils.other.get_pattern_key`); None when none does."""
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return pattern
+        except re.error:
+            if module == pattern or module.endswith("." + pattern):
+                return pattern
     return None
 
 

@@ -70,14 +70,15 @@ def check_fits(weights: LoraWeights, base_shapes: dict[str, tuple[int, ...]], so
         raise LoraMismatchError("\n".join(lines))
 
 
-def merged_weights(base: dict[str, np.ndarray], loras: list[tuple[LoraWeights, float]]) -> dict[str, np.ndarray]:
+def merged_weights(base: dict[str, np.ndarray], loras: list[tuple[LoraWeights, float]],
+                   source: str = "LoRA") -> dict[str, np.ndarray]:
     """New values of the base weights touched by one or more (LoRA, scale) pairs; inputs unchanged.
 
     A negative scale subtracts: `merged_weights(merged, [(lora, -s)])` unmerges `(lora, s)`.
     """
     shapes = {k: tuple(v.shape) for k, v in base.items()}
     for weights, _ in loras:
-        check_fits(weights, shapes)
+        check_fits(weights, shapes, source)
     totals: dict[str, np.ndarray] = {}
     for weights, scale in loras:
         for key, layer in weights.items():
@@ -96,11 +97,7 @@ def merge_into_state(state: dict[str, dict[str, np.ndarray]], loras: list[tuple[
                      source: str = "LoRA") -> dict[str, dict[str, np.ndarray]]:
     """Apply (LoRA, scale) pairs to a PretrainedModel-style state {network: {param: array}}, returning new arrays."""
     flat = {f"{network}.{name}": value for network in ("unet", "text_encoder") for name, value in state[network].items()}
-    shapes = {k: tuple(v.shape) for k, v in flat.items()}
-    for weights, _ in loras:
-        check_fits(weights, shapes, source)
-    touched = {base_name(key) for weights, _ in loras for key in weights}
-    new = merged_weights({k: flat[k] for k in touched}, loras)
+    new = merged_weights(flat, loras, source)
     out = {network: dict(values) for network, values in state.items()}
     for key, value in new.items():
         network, name = key.split(".", 1)

@@ -49,17 +49,6 @@ class ModuleIndex:
         """SD 1.x and 2.x at once: their UNets share every module name; the text index has 23 layers."""
         return _sd_index()
 
-    def has(self, component: str, module: str) -> bool:
-        return module in (self.unet_set if component == "unet" else self.text_set)
-
-    @property
-    def unet_set(self) -> set[str]:
-        return set(self.unet)
-
-    @property
-    def text_set(self) -> set[str]:
-        return set(self.text_encoder)
-
     def resolve_flat(self, component: str, name: str) -> str | None:
         """diffusers module for a kohya flattened name (diffusers- or LDM-style for the UNet), or None."""
         if not self._flat:
@@ -70,9 +59,6 @@ class ModuleIndex:
             for module in self.text_encoder:
                 self._flat[("text_encoder", flat(module))] = module
         return self._flat.get((component, name))
-
-    def ldm_to_module(self) -> dict[str, str]:
-        return {ldm: module for module, ldm in self.unet_ldm.items()}
 
     def mindone_unet(self) -> dict[str, str]:
         """diffusers module -> mindone module (the LDM cell path with mindone's conv wrapping)."""

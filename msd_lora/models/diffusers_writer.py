@@ -1,12 +1,15 @@
 """Write a PretrainedModel as a diffusers StableDiffusionPipeline folder (safetensors weights).
 
-The folder loads in diffusers (`StableDiffusionPipeline.from_pretrained`) and back in msd-lora. Each file is
-written atomically; the folder is complete only once model_index.json exists, which is written last.
+The folder loads in diffusers (`StableDiffusionPipeline.from_pretrained`) and back in msd-lora. It is built
+whole in a hidden sibling folder and renamed into place, so a crash never leaves a half-written model, and a
+model written over another leaves none of the old files (fp16 variants, shard indexes) behind.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 from msd_lora.io_utils import atomic_write_text
@@ -29,10 +32,59 @@ def scheduler_config(cfg: ModelConfig) -> dict:
             "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading"}
 
 
+class OutputFolderError(ValueError):
+    """The output folder holds something other than a diffusers model: it is not overwritten."""
+
+
 def write_diffusers_folder(model: PretrainedModel, cfg: ModelConfig, folder: str | Path,
                            dtype: str | None = None) -> Path:
-    """unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json under `folder`."""
-    folder = Path(folder)
+    """unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json as `folder`, all or nothing.
+
+    An existing diffusers model at `folder` is replaced; any other non-empty folder is refused.
+    """
+    target = Path(os.path.abspath(folder))  # "out/", "." and "a/../b" name their folder, not its contents
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "new")
+    staging.mkdir()
+    try:
+        _write_contents(model, cfg, staging, dtype)
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Path(folder)
+
+
+def _sibling(folder: Path, what: str) -> Path:
+    return folder.parent / f".{folder.name}.{what}-{uuid.uuid4().hex[:8]}"
+
+
+def _check_replaceable(folder: Path) -> None:
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise OutputFolderError(f"{folder} is a file; a diffusers model is a folder")
+    if any(folder.iterdir()) and not (folder / "model_index.json").is_file():
+        raise OutputFolderError(f"{folder} is not empty and holds no diffusers model (no model_index.json); "
+                                f"it is not overwritten. Choose a new or empty folder.")
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Rename the finished `staging` folder to `folder`; an old `folder` is moved aside first, then deleted."""
+    if not folder.exists():
+        os.rename(staging, folder)
+        return
+    old = _sibling(folder, "old")
+    os.rename(folder, old)
+    try:
+        os.rename(staging, folder)
+    except BaseException:
+        os.rename(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_contents(model: PretrainedModel, cfg: ModelConfig, folder: Path, dtype: str | None) -> None:
     classes = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                "text_encoder": ("transformers", "CLIPTextModel")}
     for network, (library, cls) in classes.items():
@@ -58,4 +110,3 @@ def write_diffusers_folder(model: PretrainedModel, cfg: ModelConfig, folder: str
              "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
              "requires_safety_checker": False, **{n: list(c) for n, c in classes.items()}}
     _json(folder / "model_index.json", index)
-    return folder

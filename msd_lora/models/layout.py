@@ -170,9 +170,3 @@ def text_encoder_names(num_layers: int) -> list[str]:
             names += [f"text_model.encoder.layers.{i}.{part}.weight", f"text_model.encoder.layers.{i}.{part}.bias"]
     return names + ["text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias"]
 
-
-def module_names(configs: dict[str, dict]) -> dict[str, list[str]]:
-    """Modules that own a `.weight` (LoRA-able or not), per LoRA component: 'unet' and 'text_encoder'."""
-    unet = [d for d, _ in unet_names(configs["unet"]) if d.endswith(".weight")]
-    text = [n for n in text_encoder_names(int(configs["text_encoder"]["num_hidden_layers"])) if n.endswith(".weight")]
-    return {"unet": [n[: -len(".weight")] for n in unet], "text_encoder": [n[: -len(".weight")] for n in text]}

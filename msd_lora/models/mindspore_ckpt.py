@@ -10,6 +10,7 @@ with `crc_num` + 10 bytes. Tensors are returned as read-only views of a memory m
 """
 from __future__ import annotations
 
+import math
 import mmap
 from pathlib import Path
 from typing import BinaryIO
@@ -88,6 +89,8 @@ def _scan(buf, size: int) -> list[tuple[str, list[int], str, tuple[int, int]]]:
         if key != (1 << 3 | 2):
             raise ValueError(f"unexpected top-level field {key >> 3}")
         length, pos = _varint(buf, pos, size)
+        if pos + length > size:
+            raise ValueError(f"a value of {length} bytes at byte {pos} runs past the end of the {size}-byte file")
         tag, tensor = "", None
         for field, _, value in _fields(buf, pos, pos + length):
             if field == 1:
@@ -126,13 +129,14 @@ def read_mindspore_ckpt(path: str | Path) -> dict[str, np.ndarray]:
         if type_name not in NUMPY_TYPES:
             raise MindSporeCkptError(f"{path}: parameter {tag!r} has type {type_name}, which numpy cannot hold")
         dtype = np.dtype(NUMPY_TYPES[type_name])
+        lengths = [length for _, _, _, length in pieces]
+        nbytes = sum(lengths)
+        if nbytes != math.prod(dims) * dtype.itemsize or any(n % dtype.itemsize for n in lengths):
+            raise MindSporeCkptError(f"{path}: parameter {tag!r} holds {nbytes} bytes for shape {tuple(dims)} "
+                                     f"{type_name}; the file is truncated or corrupt")
         arrays = [np.frombuffer(buf, dtype=dtype, count=length // dtype.itemsize, offset=offset)
                   for _, _, offset, length in pieces]
         flat = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        expected = int(np.prod(dims)) if dims else 1
-        if flat.size != expected:
-            raise MindSporeCkptError(f"{path}: parameter {tag!r} holds {flat.size} values for shape {tuple(dims)}; "
-                                     f"the file is truncated or corrupt")
         tensors[tag] = flat.reshape(dims)
     return tensors
 

@@ -2,16 +2,20 @@
 
 Layout: 8-byte little-endian header length N, a JSON header of N bytes (name -> dtype, shape, data_offsets,
 plus `__metadata__` of strings), then the tensor bytes. bfloat16 tensors are widened to float32 on read
-(numpy has no bfloat16); that widening is exact.
+(numpy has no bfloat16): exact, but those arrays live in memory (twice the file's bytes), not in the map.
+The header is checked as the safetensors spec asks (integer offsets inside the data, sizes that match the
+shapes, no overlapping tensors) so a corrupt or crafted file is an error naming it, never garbage.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from msd_lora.io_utils import atomic_path
+from msd_lora.models.bfloat16 import bfloat16_to_float32
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -42,34 +46,67 @@ def read_header(path: Path) -> tuple[int, dict]:
     return 8 + length, header
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _metadata(path: Path, header: dict) -> dict[str, str]:
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: the header's __metadata__ is not an object of strings")
+    return metadata
+
+
+def _entry(path: Path, name: str, info, start: int, size: int) -> tuple[np.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked against the spec and the file's size."""
+    if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2):
+        raise SafetensorsError(f"{path}: malformed header entry for {name!r}")
+    shape, (begin, end) = info["shape"], info["data_offsets"]
+    if not all(_is_count(d) for d in shape):
+        raise SafetensorsError(f"{path}: tensor {name!r} has shape {shape}; dimensions must be integers >= 0")
+    if not (_is_count(begin) and _is_count(end) and begin <= end):
+        raise SafetensorsError(f"{path}: tensor {name!r} has data_offsets {[begin, end]}; they must be integers "
+                               f"with 0 <= begin <= end")
+    if info["dtype"] not in DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which is not supported here")
+    if start + end > size:
+        raise SafetensorsError(f"{path} is truncated: tensor {name!r} ends at byte {start + end} of a "
+                               f"{size}-byte file. Download or copy it again.")
+    dtype = np.dtype(DTYPES[info["dtype"]])
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {info['dtype']}")
+    return dtype, shape, begin, end
+
+
+def _check_no_overlap(path: Path, ranges: dict[str, tuple[int, int]]) -> None:
+    previous, last_end = "", 0
+    for name, (begin, end) in sorted(ranges.items(), key=lambda item: item[1]):
+        if begin < last_end:
+            raise SafetensorsError(f"{path}: tensors {previous!r} and {name!r} overlap in the data; the file is "
+                                   f"corrupt or crafted")
+        if end > begin:
+            previous, last_end = name, end
+
+
 def read_safetensors_lazy(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(name -> read-only array backed by a memory map, metadata). Raises SafetensorsError naming the file."""
+    """(name -> read-only array backed by a memory map, metadata). Raises SafetensorsError naming the file.
+
+    bfloat16 tensors are the exception: widened to float32 arrays in memory here.
+    """
     path = Path(path)
     if not path.is_file():
         raise SafetensorsError(f"{path} does not exist")
     start, header = read_header(path)
-    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    metadata = _metadata(path, header)
     size = path.stat().st_size
-    tensors: dict[str, np.ndarray] = {}
+    entries = {name: _entry(path, name, info, start, size) for name, info in header.items()}
+    _check_no_overlap(path, {name: (begin, end) for name, (_, _, begin, end) in entries.items()})
     whole = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
-    for name, info in header.items():
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: malformed header entry for {name!r}") from None
-        if dtype_name not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has dtype {dtype_name}, which is not supported here")
-        if start + end > size:
-            raise SafetensorsError(f"{path} is truncated: tensor {name!r} ends at byte {start + end} of a "
-                                   f"{size}-byte file. Download or copy it again.")
-        dtype = np.dtype(DTYPES[dtype_name])
-        count = int(np.prod(shape)) if shape else 1
-        if end - begin != count * dtype.itemsize:
-            raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype_name}")
+    tensors: dict[str, np.ndarray] = {}
+    for name, (dtype, shape, begin, end) in entries.items():
         array = whole[start + begin:start + end].view(dtype).reshape(shape)
-        if dtype_name == "BF16":
-            array = (array.astype(np.uint32) << 16).view(np.float32)
-        tensors[name] = array
+        tensors[name] = bfloat16_to_float32(array) if header[name]["dtype"] == "BF16" else array
     return tensors, metadata
 
 

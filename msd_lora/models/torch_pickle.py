@@ -4,17 +4,22 @@ A pickle can run any code while it loads, so this reader never hands the pickle 
 `find_class` answers only a short list of names torch checkpoints use (tensor rebuilding, OrderedDict,
 numpy scalars, Lightning's checkpoint-callback records) with inert stand-ins, and refuses everything else
 with `UnsafePickleError`, naming the global the file asked for. Tensor bytes are memory-mapped from the
-zip (torch stores them uncompressed), so a 4 GB checkpoint costs little memory until its arrays are used.
+zip (torch stores them uncompressed), so a 4 GB checkpoint costs little memory until its arrays are used;
+bfloat16 tensors are the exception, widened to float32 in memory as they are read. Compressed members (which
+torch never writes, and which could inflate without bound) and views larger than their storage are refused.
 """
 from __future__ import annotations
 
 import collections
+import math
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from msd_lora.models.bfloat16 import bfloat16_to_float32
 
 
 class UnsafePickleError(ValueError):
@@ -54,22 +59,27 @@ class _Inert:
         self.state = state
 
 
-def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32 (exact: bf16 is the top half of a float32)."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+def _fits_storage(offset: int, size: tuple[int, ...], stride: tuple[int, ...], elements: int) -> bool:
+    """A view as state dicts hold them: inside its storage, no larger than it, no repeated (stride-0) axes."""
+    if offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride) or len(size) != len(stride):
+        return False
+    if math.prod(size) == 0:
+        return offset <= elements
+    if math.prod(size) > elements or any(s == 0 and n > 1 for n, s in zip(size, stride)):
+        return False  # a broadcast view: widening or astype would materialise all of it
+    return offset + sum((n - 1) * s for n, s in zip(size, stride)) < elements
 
 
 def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *_unused) -> np.ndarray:
     flat = storage.array
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    offset, size, stride = int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    if not _fits_storage(offset, size, stride, flat.size):  # as_strided would read outside the storage
+        raise TorchFileError(f"a tensor of shape {size}, strides {stride} at offset {offset} does not fit its "
+                             f"storage of {flat.size} elements: the file is corrupt or crafted")
     if not size:
         value = flat[offset:offset + 1]
         return (bfloat16_to_float32(value) if storage.bfloat16 else np.array(value)).reshape(())
     itemsize = flat.dtype.itemsize
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if offset < 0 or any(s < 0 for s in stride) or last >= flat.size:  # as_strided would read outside the storage
-        raise TorchFileError(f"a tensor of shape {size}, strides {stride} at offset {offset} does not fit its "
-                             f"storage of {flat.size} elements: the file is corrupt or crafted")
     view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=tuple(s * itemsize for s in stride),
                                            writeable=False)
     if storage.bfloat16:
@@ -124,9 +134,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
             f"If you trust it, convert it to .safetensors with a tool you trust first.")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise UnsafePickleError(f"{self.path}: unexpected persistent id {pid!r} in the pickle")
         storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
+        if numel < 0:
+            raise TorchFileError(f"storage {key} claims {numel} elements")
         if key not in self.storages:
             self.storages[key] = self._read_storage(storage_type.name, key, numel)
         return self.storages[key]
@@ -135,15 +147,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
         dtype = STORAGE_DTYPES[type_name]
         bf16 = dtype == "bfloat16"
         np_dtype = np.dtype(np.uint16 if bf16 else dtype)
-        info = self.archive.getinfo(f"{self.prefix}data/{key}")
-        if info.file_size < numel * np_dtype.itemsize:
-            raise TorchFileError(f"{self.path}: storage {key} holds {info.file_size} bytes, expected "
-                                 f"{numel * np_dtype.itemsize}; the file is truncated or corrupt")
-        if info.compress_type == zipfile.ZIP_STORED:
-            array = np.memmap(self.path, dtype=np_dtype, mode="r", offset=_data_offset(self.path, info), shape=(numel,))
-        else:
-            array = np.frombuffer(self.archive.read(info), dtype=np_dtype, count=numel)
-        return _Storage(array, bf16)
+        info = _stored_member(self.archive, f"{self.prefix}data/{key}")
+        nbytes = numel * np_dtype.itemsize
+        if info.file_size < nbytes:
+            raise TorchFileError(f"storage {key} holds {info.file_size} bytes, expected "
+                                 f"{nbytes}; the file is truncated or corrupt")
+        offset = _data_offset(self.path, info)
+        if offset + nbytes > self.path.stat().st_size:
+            raise TorchFileError(f"storage {key} runs past the end of the file; it is truncated or corrupt")
+        if numel == 0:
+            return _Storage(np.zeros(0, np_dtype), bf16)
+        return _Storage(np.memmap(self.path, dtype=np_dtype, mode="r", offset=offset, shape=(numel,)), bf16)
+
+
+def _stored_member(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
+    """The zip entry `name`, refused unless stored uncompressed (as torch.save writes every entry)."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise TorchFileError(f"entry {name} is compressed (method {info.compress_type}); torch.save stores "
+                             f"every entry uncompressed, so the file was repacked or crafted and is not read. "
+                             f"Re-save it with torch.save or convert it to .safetensors with a tool you trust.")
+    return info
 
 
 def _data_offset(path: Path, info: zipfile.ZipInfo) -> int:
@@ -152,7 +176,7 @@ def _data_offset(path: Path, info: zipfile.ZipInfo) -> int:
         f.seek(info.header_offset)
         header = f.read(30)
     if header[:4] != b"PK\x03\x04":
-        raise TorchFileError(f"{path}: corrupt zip entry {info.filename}")
+        raise TorchFileError(f"corrupt zip entry {info.filename}")
     name_len = int.from_bytes(header[26:28], "little")
     extra_len = int.from_bytes(header[28:30], "little")
     return info.header_offset + 30 + name_len + extra_len
@@ -170,11 +194,17 @@ def read_torch_zip(path: str | Path) -> Any:
         if len(pickles) != 1:
             raise TorchFileError(f"{path}: a torch checkpoint holds one data.pkl, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
-        with archive.open(pickles[0]) as file:
-            try:
+        try:
+            with archive.open(_stored_member(archive, pickles[0])) as file:
                 return _RestrictedUnpickler(file, archive, prefix, path).load()
-            except (pickle.UnpicklingError, EOFError, KeyError) as err:
-                raise TorchFileError(f"{path}: the pickle inside is corrupt ({err})") from None
+        except UnsafePickleError:
+            raise
+        except TorchFileError as err:  # raised by the checks above, which do not know the file's name
+            raise TorchFileError(f"{path}: {err}") from None
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AttributeError,
+                OverflowError, zipfile.BadZipFile) as err:
+            raise TorchFileError(f"{path}: the pickle inside is corrupt or crafted ({type(err).__name__}: {err})") \
+                from None
 
 
 def refuse_legacy_pickle(path: str | Path) -> None:

@@ -57,6 +57,32 @@ def test_truncated_and_garbled_safetensors_are_named(tmp_path):
         read_tensor_file(tmp_path / "garbled.safetensors")
 
 
+def raw_safetensors(path, header, data=b""):
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize("header,message", [
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, "data_offsets \\[-8, 0\\]"),
+    ({"w": {"dtype": "F32", "shape": [], "data_offsets": [8, 4]}}, "data_offsets \\[8, 4\\]"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, "8"]}}, "data_offsets \\[0, '8'\\]"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, "data_offsets \\[0.0, 8.0\\]"),
+    ({"w": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, "shape \\[-1, -2\\]"),
+    ({"w": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, "shape \\[2.5\\]"),
+    ({"w": {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [0, 0]}}, "has 0 bytes for shape"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "tensors 'w' and 'v' overlap"),
+    ({"__metadata__": {"a": 1}}, "__metadata__ is not an object of strings"),
+    ({"__metadata__": ["a"]}, "__metadata__ is not an object of strings"),
+    ({"w": [0, 8]}, "malformed header entry for 'w'"),
+])
+def test_bad_safetensors_headers_are_errors_naming_the_file(tmp_path, header, message):
+    path = raw_safetensors(tmp_path / "bad.safetensors", header, bytes(16))
+    with pytest.raises(SafetensorsError, match=rf"bad\.safetensors: .*{message}"):
+        read_safetensors_lazy(path)
+
+
 def test_mindspore_checkpoint_round_trip_slices_and_trailer(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     tensors = {"net.w": rng.standard_normal((40, 3)).astype(np.float32), "net.h": np.arange(6, dtype=np.float16),
@@ -72,6 +98,13 @@ def test_mindspore_checkpoint_round_trip_slices_and_trailer(tmp_path, monkeypatc
     (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:-7])
     with pytest.raises(TensorFileError, match=r"cut\.ckpt is not a readable MindSpore checkpoint"):
         read_tensor_file(tmp_path / "cut.ckpt")
+
+
+def test_mindspore_checkpoint_cut_inside_a_tensor_is_named(tmp_path):
+    path = mindspore_ckpt.write_mindspore_ckpt(tmp_path / "one.ckpt", {"w": np.ones(1000, np.float32)})
+    (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:-100])  # the tensor's bytes run past the end
+    with pytest.raises(mindspore_ckpt.MindSporeCkptError, match=r"cut\.ckpt is not a readable .*runs past the end"):
+        mindspore_ckpt.read_mindspore_ckpt(tmp_path / "cut.ckpt")
 
 
 class Payload:
@@ -96,7 +129,8 @@ def test_pickles_with_code_are_refused_without_running_it(tmp_path):
 
 
 @pytest.mark.parametrize("offset,size,stride", [(0, (4, 4), (4, 1)), (10, (2, 4), (4, 1)), (0, (3,), (-1,)),
-                                                (-2, (2,), (1,))])
+                                                (-2, (2,), (1,)), (0, (10**6, 10**6), (0, 0)), (0, (3, 4), (0, 1)),
+                                                (0, (-1, 4), (4, 1)), (13, (), ())])
 def test_tensor_views_outside_their_storage_are_refused(offset, size, stride):
     """A crafted checkpoint could ask for a view past its bytes (as_strided does not check): refused, not read."""
     from msd_lora.models.torch_pickle import TorchFileError, _rebuild_tensor, _Storage
@@ -105,6 +139,87 @@ def test_tensor_views_outside_their_storage_are_refused(offset, size, stride):
     with pytest.raises(TorchFileError, match="does not fit its storage"):
         _rebuild_tensor(storage, offset, size, stride)
     assert np.array_equal(_rebuild_tensor(storage, 2, (2, 5), (5, 1)), np.arange(2, 12).reshape(2, 5))
+    assert _rebuild_tensor(storage, 0, (0, 4), (4, 1)).shape == (0, 4) and _rebuild_tensor(storage, 11, (), ()) == 11
+
+
+def _str(text):
+    data = text.encode()
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def _global(module, name):
+    return f"c{module}\n{name}\n".encode()
+
+
+def _int(n):
+    return b"J" + int(n).to_bytes(4, "little", signed=True)
+
+
+def _tuple(*items):
+    return b"(" + b"".join(items) + b"t"
+
+
+def tensor_pickle(numel=4, size=(4,), pid=None, value=None):
+    """The protocol-2 data.pkl torch.save writes for {'w': tensor}, by hand (checked against torch.load)."""
+    pid = pid if pid is not None else (_str("0"), _str("cpu"), _int(numel))
+    storage = _tuple(_str("storage"), _global("torch", "FloatStorage"), *pid) + b"Q"
+    value = value or _global("torch._utils", "_rebuild_tensor_v2") + _tuple(
+        storage, _int(0), _tuple(*map(_int, size)), _tuple(*(_int(1) for _ in size)), b"\x89",
+        _global("collections", "OrderedDict") + b")R") + b"R"
+    return b"\x80\x02}" + _str("w") + value + b"s."
+
+
+def torch_zip(path, data_pkl, storage=np.arange(4, dtype=np.float32).tobytes(), deflate=()):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in (("data.pkl", data_pkl), ("data/0", storage), ("version", b"3\n")):
+            method = zipfile.ZIP_DEFLATED if name in deflate else zipfile.ZIP_STORED
+            archive.writestr(f"archive/{name}", data, compress_type=method)
+    return path
+
+
+@pytest.mark.parametrize("deflate", [("data.pkl",), ("data/0",)])
+def test_compressed_torch_entries_are_refused(tmp_path, deflate):
+    """torch.save stores every entry: a deflated one is repacked or a zip bomb, and is not inflated."""
+    ok = torch_zip(tmp_path / "ok.pt", tensor_pickle())
+    assert np.array_equal(read_tensor_file(ok).tensors["w"], np.arange(4))
+    bomb = torch_zip(tmp_path / "bomb.pt", tensor_pickle(), deflate=deflate)
+    with pytest.raises(TensorFileError, match=rf"bomb\.pt: entry archive/{deflate[0]} is compressed"):
+        read_tensor_file(bomb)
+
+
+def _lying_sizes(path, numel):
+    """Make the zip's directory claim storage 0 holds `numel` floats, more than the file has."""
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02", data.index(b"archive/data/0") + 1)  # central directory entry
+    entry = data.rindex(b"PK\x01\x02", 0, data.index(b"archive/data/0", entry))
+    data[entry + 20:entry + 28] = (numel * 4).to_bytes(4, "little") * 2
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("short persistent id", "unexpected persistent id"),
+    ("negative numel", "storage 0 claims -4 elements"),
+    ("negative size", "does not fit its storage"),
+    ("storage past the end", "storage 0 runs past the end of the file"),
+    ("calls a storage type", "corrupt or crafted \\(TypeError"),
+    ("bad dtype", "corrupt or crafted \\(TypeError"),
+    ("state on a set", "corrupt or crafted \\(AttributeError"),
+])
+def test_crafted_torch_pickles_are_errors_naming_the_file(tmp_path, case, message):
+    data_pkl = {
+        "short persistent id": tensor_pickle(pid=()),
+        "negative numel": tensor_pickle(numel=-4),
+        "negative size": tensor_pickle(size=(-1,)),
+        "storage past the end": tensor_pickle(numel=1000, size=(1000,)),
+        "calls a storage type": tensor_pickle(value=_global("torch", "FloatStorage") + b")R"),
+        "bad dtype": tensor_pickle(value=_global("numpy", "dtype") + _tuple(_global("builtins", "set") + b")R") + b"R"),
+        "state on a set": tensor_pickle(value=_global("builtins", "set") + b")R}" + _str("a") + _int(1) + b"sb"),
+    }[case]
+    path = torch_zip(tmp_path / "crafted.pt", data_pkl)
+    if case == "storage past the end":
+        _lying_sizes(path, 1000)
+    with pytest.raises(TensorFileError, match=rf"crafted\.pt: .*{message}"):
+        read_tensor_file(path)
 
 
 def fake(shape, dtype=np.float16):
@@ -240,3 +355,49 @@ def test_offline_clip_tokenizers_give_clip_ids(tmp_path, monkeypatch, pad, pad_i
     assert ids.shape == (1, 77)
     assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407] and ids[0, 7] == pad_id
     assert tokenizer_folder(pad, 77) == folder  # built once
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_diffusers_folder_is_replaced_whole_and_atomically(tiny_model, tmp_path, monkeypatch):
+    from msd_lora.models import diffusers_writer
+
+    model, cfg = load_model(tiny_model)
+    out = tmp_path / "out"
+    diffusers_writer.write_diffusers_folder(model, cfg, out)
+    stale = [out / "unet" / "diffusion_pytorch_model.fp16.safetensors", out / "vae" / "model.safetensors.index.json"]
+    for path in stale:
+        path.write_bytes(b"stale")
+    diffusers_writer.write_diffusers_folder(model, cfg, out, "float16")
+    assert not any(path.exists() for path in stale)
+    assert load_model(out)[0].state["unet"]["conv_in.weight"].dtype == np.float16
+    before = _snapshot(out)
+
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return write_safetensors(*args, **kwargs)
+
+    monkeypatch.setattr(diffusers_writer, "write_safetensors", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        diffusers_writer.write_diffusers_folder(model, cfg, out)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old copies left beside it
+
+
+def test_a_folder_that_is_not_a_diffusers_model_is_not_overwritten(tiny_model, tmp_path):
+    from msd_lora.models.diffusers_writer import OutputFolderError, write_diffusers_folder
+
+    model, cfg = load_model(tiny_model)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").write_bytes(b"meow")
+    with pytest.raises(OutputFolderError, match=r"photos is not empty and holds no diffusers model"):
+        write_diffusers_folder(model, cfg, tmp_path / "photos")
+    assert (tmp_path / "photos" / "cat.png").read_bytes() == b"meow"
+    (tmp_path / "empty").mkdir()
+    assert load_model(write_diffusers_folder(model, cfg, tmp_path / "empty"))[0].configs == model.configs

@@ -113,7 +113,8 @@ def test_mindone_round_trip_exact_for_mindone_style_loras(tiny, index, tmp_path)
     lora = random_lora(tiny, np.random.default_rng(3), alpha=lambda rng: 4.0, shared_qkv=True,
                        leaves=("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "q_proj.weight",
                                "k_proj.weight", "v_proj.weight", "out_proj.weight", "ff.net.2.weight"))
-    path = write_lora(tmp_path / "m.ckpt", lora, "mindone", index)
+    with pytest.warns(UserWarning, match=r"\d+ layers are not attention projections \(e\.g\. .*ff\.net\.2"):
+        path = write_lora(tmp_path / "m.ckpt", lora, "mindone", index)  # mindone's loader skips ff.net.2
     from msd_lora.models.mindspore_ckpt import read_mindspore_ckpt
 
     raw = read_mindspore_ckpt(path)
@@ -128,11 +129,81 @@ def test_mindone_round_trip_exact_for_mindone_style_loras(tiny, index, tmp_path)
 
 def test_mindone_and_old_diffusers_fold_alpha_and_keep_the_update(tiny, index, tmp_path):
     lora = random_lora(tiny, np.random.default_rng(4), alpha=lambda rng: 3.0)  # separate q/k/v A, LoCon
+    with pytest.warns(UserWarning, match=r"rank other than lora_rank 4, e\.g\. a q/k/v LoRA .*in_proj"):
+        write_lora(tmp_path / "m.ckpt", lora, "mindone", index)
     for fmt, name in (("mindone", "m.ckpt"), ("diffusers_old", "o.safetensors")):
-        back = read_lora(write_lora(tmp_path / name, lora, fmt, index), index)
+        back = read_lora(tmp_path / name if fmt == "mindone" else write_lora(tmp_path / name, lora, fmt, index), index)
         assert back.format == fmt and {layer.alpha for layer in back.weights.values()} == {
             float(layer.rank) for layer in back.weights.values()}
         assert_same_update(lora, back.weights)
+
+
+def test_mindone_style_loras_write_without_a_warning(tiny, index, tmp_path):
+    import warnings
+
+    lora = random_lora(tiny, np.random.default_rng(3), alpha=lambda rng: 4.0, shared_qkv=True,
+                       leaves=("to_q.weight", "to_v.weight", "to_out.0.weight", "q_proj.weight", "k_proj.weight",
+                               "v_proj.weight", "out_proj.weight"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_lora(tmp_path / "m.ckpt", lora, "mindone", index)
+
+
+def test_mindone_in_proj_that_is_not_three_blocks_is_named(tmp_path):
+    from msd_lora.models.mindspore_ckpt import write_mindspore_ckpt
+
+    cell = "cond_stage_model.transformer.transformer_layer.resblocks.0.attn.attn.in_proj"
+    write_mindspore_ckpt(tmp_path / "odd.ckpt", {f"{cell}.lora_down.weight": np.zeros((4, 32), np.float32),
+                                                  f"{cell}.lora_up.weight": np.zeros((64, 4), np.float32)})
+    with pytest.raises(LoraFormatError, match=r"odd\.ckpt: .*in_proj\.lora_up\.weight has shape \(64, 4\).*3 x width"):
+        read_lora(tmp_path / "odd.ckpt")
+
+
+def test_alpha_patterns_match_as_peft_matches_them(tmp_path):
+    """peft.utils.other.get_pattern_key: a key is a regex for the module name or for a suffix after a '.'."""
+    modules = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 16.0,
+               "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 16.0,
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": 2.0,
+               "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": 4.0,
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 8.0,  # 'proj' is no '.'-suffix of it
+               "text_encoder.text_model.encoder.layers.0.mlp.fc1": 3.0}
+    adapter = {"unet.lora_alpha": 4.0, "unet.alpha_pattern": {"attn1.to_q": 16.0, r"down_blocks\.1\..*to_k": 2.0},
+               "text_encoder.lora_alpha": 8.0, "text_encoder.alpha_pattern": {"proj": 1.0, "mlp.fc1": 3.0}}
+    tensors = {}
+    for key in modules:
+        tensors[f"{key}.lora_A.weight"] = np.ones((2, 8), np.float32)
+        tensors[f"{key}.lora_B.weight"] = np.ones((8, 2), np.float32)
+    write_safetensors(tmp_path / "peft.safetensors", tensors, {"lora_adapter_metadata": json.dumps(adapter)})
+    weights = read_lora(tmp_path / "peft.safetensors").weights
+    assert {key: layer.alpha for key, layer in weights.items()} == modules
+
+
+def test_old_diffusers_alpha_tensors_apply_to_their_layers(tiny, index, tmp_path):
+    from msd_lora.models.tensor_files import read_tensor_file
+
+    leaves = ("to_q.weight", "to_k.weight", "conv1.weight", "q_proj.weight", "fc1.weight")
+    lora = random_lora(tiny, np.random.default_rng(7), alpha=lambda rng: 4.0, leaves=leaves)
+    tensors = dict(read_tensor_file(write_lora(tmp_path / "old.safetensors", lora, "diffusers_old", index)).tensors)
+    stems = {name[: -len(".down.weight")] for name in tensors if name.endswith(".down.weight")}
+    to_k = next(s for s in stems if s.endswith("attn1.processor.to_k_lora"))
+    for stem in stems:  # alpha 2 under each naming a file may use; one UNet stem without its `unet.` prefix
+        tensors[f"{stem.removeprefix('unet.') if stem == to_k else stem}.alpha"] = np.array(2.0, np.float32)
+    write_safetensors(tmp_path / "alphas.safetensors", tensors)
+    back = read_lora(tmp_path / "alphas.safetensors", index)
+    assert back.format == "diffusers_old" and {layer.alpha for layer in back.weights.values()} == {2.0}
+    tensors["unet.no_such_block.to_q.alpha"] = np.array(2.0, np.float32)
+    write_safetensors(tmp_path / "stray.safetensors", tensors)
+    with pytest.raises(LoraFormatError, match=r"stray\.safetensors: 1 \.alpha tensors belong to no LoRA layer"):
+        read_lora(tmp_path / "stray.safetensors", index)
+
+
+def test_merge_into_state_checks_the_fit_once(tiny, monkeypatch):
+    from msd_lora.lora import merge
+
+    calls = []
+    monkeypatch.setattr(merge, "check_fits", lambda *args, **kwargs: calls.append(args[2:]))
+    merge_into_state(tiny.state, [(random_lora(tiny, np.random.default_rng(8)), 1.0)], source="x.safetensors")
+    assert calls == [("x.safetensors",)]
 
 
 def test_old_diffusers_attention_processor_names(tiny, index, tmp_path):

@@ -39,6 +39,16 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert path.read_text() == "two" and os.listdir(tmp_path) == ["f.txt"]
 
 
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Not mkstemp's private 0600: files others read (models, LoRAs) get 0666 minus the umask, as open() does."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
 def test_unwritable_output_path_is_named(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
