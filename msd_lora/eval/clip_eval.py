@@ -12,6 +12,13 @@ from msd_lora.eval.fid import batches
 from msd_lora.eval.images import ConversionLog, find_images, read_rgb_batch, sample_folder
 
 
+def text_length(tokenizer, config: dict) -> int:
+    """Tokens per prompt: the tokenizer's model_max_length, capped at the text tower's position embeddings (a
+    tokenizer_config.json without model_max_length leaves transformers' 1e30)."""
+    positions = int((config.get("text_config") or {}).get("max_position_embeddings", 77))  # CLIPTextConfig's default
+    return min(int(tokenizer.model_max_length), positions)
+
+
 class ClipScorer:
     """CLIP score with one loaded CLIP model (reused across folders)."""
 
@@ -29,11 +36,12 @@ class ClipScorer:
         self.model = {"folder": str(files.folder), "random_init": files.random_init}
         self.notes = [loud_random_warning("The CLIP model", str(files.folder))] if files.random_init else []
         self.tokenizer, self.processor = files.tokenizer(), files.image_processor()
+        self.max_length = text_length(self.tokenizer, files.config)
         self.embedder = clip_embedder(self.backend, files.config, files.state, str(files.folder), device, ms_mode)
 
     def text_embeddings(self, prompts: list[str]) -> tuple[np.ndarray, int]:
-        """Embeddings of `prompts` and how many were cut at the tokenizer's length (77 for CLIP)."""
-        length = int(self.tokenizer.model_max_length)
+        """Embeddings of `prompts` and how many were cut at the text length (77 for CLIP)."""
+        length = self.max_length
         full = self.tokenizer(prompts, truncation=False).input_ids
         tokens = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
         embeds = [self.embedder.text_embeddings(tokens.input_ids[i:i + self.batch_size],
@@ -59,7 +67,7 @@ class ClipScorer:
         unique = list(dict.fromkeys(prompts))
         text, truncated = self.text_embeddings(unique)
         if truncated:
-            notes.append(f"{truncated} prompt(s) longer than {self.tokenizer.model_max_length} tokens were truncated")
+            notes.append(f"{truncated} prompt(s) longer than {self.max_length} tokens were truncated")
         row = {p: i for i, p in enumerate(unique)}
         log, records, scores = ConversionLog(), [], []
         with tqdm(total=len(images), desc="clip", disable=not self.progress, file=sys.stderr) as bar:

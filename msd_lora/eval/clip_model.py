@@ -10,6 +10,7 @@ record of it.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,15 +78,20 @@ def check_clip_folder(folder: str | Path) -> Path:
 
 
 def verify_against_hub(repo_id: str, folder: Path, revision: str | None = None) -> None:
-    """Each weight file's sha256 must equal the Hub's LFS record (the file's etag); a mismatch is an error."""
+    """Each weight file's sha256 must equal the Hub's LFS record (the file's etag, 64 hex digits); a mismatch is an
+    error. An etag that is not a sha256 (a file not in LFS) leaves the file unverified, and says so."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     for path in weight_files(folder):
-        expected = get_hf_file_metadata(hf_hub_url(repo_id, path.name, revision=revision)).etag.strip('"')
+        expected = (get_hf_file_metadata(hf_hub_url(repo_id, path.name, revision=revision)).etag or "").strip('"')
         actual = sha256_of(path)
-        if len(expected) == 64 and actual != expected:
+        if not re.fullmatch(r"[0-9a-f]{64}", expected):
+            status = "not verifiable (no sha256 from the hub)"
+        elif actual != expected:
             raise WeightsError(f"{path}: sha256 {actual} differs from the Hub's {expected}; delete it and retry")
-        print(f"  {path.name}: sha256 {actual} verified", file=sys.stderr)
+        else:
+            status = "verified against the hub"
+        print(f"  {path.name}: {path.stat().st_size / 1e6:.1f} MB, sha256 {actual} {status}", file=sys.stderr)
 
 
 def resolve_clip_folder(ckpt_path: str | Path | None, model_name: str = DEFAULT_CLIP_MODEL,
@@ -107,7 +113,7 @@ def resolve_clip_folder(ckpt_path: str | Path | None, model_name: str = DEFAULT_
             raise WeightsError(f"CLIP model {model_name} is not in the Hugging Face cache and downloads are off "
                                f"(MSD_LORA_OFFLINE / HF_HUB_OFFLINE): pass --ckpt_path FOLDER holding "
                                f"{', '.join(REQUIRED_FILES)} and {WEIGHT_FILE} ({err})") from err
-    print(f"downloading CLIP model {model_name} from the Hugging Face Hub (openai/clip-vit-large-patch14: 1.7 GB)",
+    print(f"downloading CLIP model {model_name} from the Hugging Face Hub (config, tokenizer, model.safetensors)",
           file=sys.stderr)
     folder = Path(snapshot_download(model_name, allow_patterns=patterns))
     verify_against_hub(model_name, folder)

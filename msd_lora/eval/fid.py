@@ -69,6 +69,20 @@ def fid_image_set(folder, what: str) -> ImageSet:
     return images
 
 
+def unrecorded_note(info: dict[str, str], source: str, resize: str) -> str | None:
+    """A note for saved statistics that do not record their preprocessing or weights, e.g. every .npz pytorch-fid
+    writes (those are --resize bilinear with the standard weights)."""
+    missing = [what for key, what in (("resize", "preprocessing (--resize)"), ("weights_sha256", "Inception weights"))
+               if key not in info]
+    if not missing:
+        return None
+    note = f"{source} does not record its {' or '.join(missing)}, so this run cannot check them"
+    if "resize" in info:
+        return note
+    return (note + f" (pytorch-fid's own .npz files are --resize bilinear with its standard weights): compare only "
+                   f"with --resize bilinear" + (f", not this run's --resize {resize}" if resize != "bilinear" else ""))
+
+
 class FidEvaluator:
     """FID of image folders against a real set, with one loaded InceptionV3 (reused across folders)."""
 
@@ -76,8 +90,8 @@ class FidEvaluator:
                  batch_size: int = 32, device: str = "auto", ms_mode: int = 0, progress: bool = True):
         from msd_lora.eval.networks import backend_name, inception_features
         from msd_lora.eval.preprocess import get_protocol
-        from msd_lora.eval.report import loud_random_warning
-        from msd_lora.eval.weights import is_random_init, read_inception_weights, resolve_inception_weights, sha256_of
+        from msd_lora.eval.report import loud_random_warning, nonstandard_weights_note
+        from msd_lora.eval.weights import describe_weights, read_inception_weights, resolve_inception_weights
 
         if batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
@@ -85,8 +99,12 @@ class FidEvaluator:
         self.batch_size, self.progress = batch_size, progress
         path = resolve_inception_weights(weights)
         state, metadata = read_inception_weights(path)
-        self.weights = {"file": str(path), "sha256": sha256_of(path), "random_init": is_random_init(metadata)}
-        self.notes = [loud_random_warning("The FID InceptionV3", str(path))] if self.weights["random_init"] else []
+        self.weights = describe_weights(path, metadata)
+        self.notes = []
+        if self.weights["random_init"]:
+            self.notes.append(loud_random_warning("The FID InceptionV3", str(path)))
+        elif not self.weights["standard"]:
+            self.notes.append(nonstandard_weights_note(str(path), self.weights["sha256"]))
         self.network = inception_features(self.backend, state, str(path), device, ms_mode)
 
     def folder_features(self, folder, what: str) -> SetFeatures:
@@ -101,8 +119,7 @@ class FidEvaluator:
 
         if real_stats:
             gaussian, info = load_statistics(real_stats)
-            self.check_compatible(info, str(real_stats))
-            return gaussian, [f"real statistics from {real_stats}"]
+            return gaussian, [f"real statistics from {real_stats}", *self.check_compatible(info, str(real_stats))]
         if not real_dir:
             raise ValueError("give --real_dir DIR or --real_stats FILE.npz")
         found = self.folder_features(real_dir, "--real_dir")
@@ -111,14 +128,17 @@ class FidEvaluator:
             save_statistics(save_stats, gaussian, resize=self.resize, weights_sha256=self.weights["sha256"])
         return gaussian, found.notes
 
-    def check_compatible(self, info: dict[str, str], source: str) -> None:
-        """Saved statistics must come from the same preprocessing and weights (when they say which)."""
+    def check_compatible(self, info: dict[str, str], source: str) -> list[str]:
+        """Saved statistics must come from the same preprocessing and weights; a file that does not say which
+        (pytorch-fid's own .npz) is accepted with a note."""
         if "resize" in info and info["resize"] != self.resize:
             raise ValueError(f"{source} was computed with --resize {info['resize']}, this run uses {self.resize}: "
                              f"FIDs across preprocessing protocols are not comparable")
         if "weights_sha256" in info and info["weights_sha256"] != self.weights["sha256"]:
             raise ValueError(f"{source} was computed with other Inception weights (sha256 {info['weights_sha256']}) "
-                             f"than {self.weights['file']} (sha256 {self.weights['sha256']})")
+                             f"than {self.weights['file']} (sha256 {self.weights['sha256']}; a converted .safetensors "
+                             f"copy counts as the .pth it was made from)")
+        return [n for n in (unrecorded_note(info, source, self.resize),) if n]
 
     def fid(self, real: tuple[Gaussian, list[str]], gen_dir) -> dict:
         """FID of the images under `gen_dir` against `real` (from real_statistics), with a record of how."""
@@ -127,6 +147,7 @@ class FidEvaluator:
         gaussian, real_notes = real
         found = self.folder_features(gen_dir, "--gen_dir")
         generated = found.statistics(f"--gen_dir {gen_dir}")
-        return {"fid": gaussian_distance(gaussian, generated), "num_real": gaussian.num_images,
+        num_real = gaussian.num_images if gaussian.num_images >= 0 else None  # None: the .npz does not say
+        return {"fid": gaussian_distance(gaussian, generated), "num_real": num_real,
                 "num_gen": generated.num_images, "resize": self.resize, "protocol": self.protocol.reproduces,
                 "backend": self.backend, "weights": self.weights, "notes": self.notes + real_notes + found.notes}

@@ -92,14 +92,20 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return gaussian_distance(gaussian(mu1, sigma1), gaussian(mu2, sigma2))
 
 
+def check_statistics_target(path: str | Path) -> Path:
+    """Where statistics will be saved: an .npz name (np.savez would silently add the suffix)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise StatisticsError(f"--save_stats {path}: the statistics file must end in .npz")
+    return path
+
+
 def save_statistics(path: str | Path, gaussian: Gaussian, **info: str | int) -> None:
     """An .npz in pytorch-fid's layout (`mu`, `sigma`), plus small descriptive entries (resize, num_images, ...)
     and, for sets of at most as many images as dimensions, the covariance factor (exact FIDs when reused)."""
     from msd_lora.io_utils import atomic_path
 
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise StatisticsError(f"--save_stats {path}: the statistics file must end in .npz")
+    path = check_statistics_target(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             factor = {} if gaussian.factor is None else {"factor": gaussian.factor}
@@ -109,10 +115,19 @@ def save_statistics(path: str | Path, gaussian: Gaussian, **info: str | int) -> 
 
 def load_statistics(path: str | Path) -> tuple[Gaussian, dict[str, str]]:
     """The Gaussian and its info entries from an .npz with `mu` and `sigma` (pytorch-fid's layout or ours)."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise StatisticsError(f"statistics file {path} not found")
-    with np.load(path, allow_pickle=False) as data:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise StatisticsError(f"statistics file {path} cannot be read as an .npz ({err}): it is truncated or not "
+                              f"a statistics file; save it again with --save_stats") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise StatisticsError(f"{path} is not an FID statistics file: a single array, not an .npz with mu and sigma")
+    with data:
         missing = [k for k in ("mu", "sigma") if k not in data.files]
         if missing:
             raise StatisticsError(f"{path} is not an FID statistics file: no {' / '.join(missing)} "

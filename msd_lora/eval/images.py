@@ -1,13 +1,15 @@
 """Finding and reading evaluation images.
 
 Accepted extensions (case-insensitive): IMAGE_EXTENSIONS. Folders are searched recursively and files are taken in
-sorted path order (so `samples/00000.png, 00001.png, ...` keep the order text_to_image.py wrote them in). Other files
+natural path order, digit runs compared as numbers (so text_to_image.py's `samples/00000.png, ..., 99999.png,
+100000.png` keep the order it wrote them in, where plain sorting would put 100000.png before 10001.png). Other files
 are skipped and reported. Every image becomes 8-bit RGB the way pytorch-fid and clean-fid do it, PIL's
 `convert("RGB")`: grayscale is replicated to three channels, palette images are expanded, and an alpha channel is
 dropped (not composited on a background); what was converted is reported.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +57,14 @@ class ImageSet:
                 f"images are {', '.join(IMAGE_EXTENSIONS)}")
 
 
+def natural_key(path: Path) -> tuple:
+    """Sort key comparing each path part's digit runs as numbers: 99999.png < 100000.png, img2 < img10."""
+    parts = [re.split(r"(\d+)", part) for part in path.parts]  # digit runs at the odd positions
+    return [[int(c) if i % 2 else c for i, c in enumerate(chunks)] for chunks in parts], str(path)
+
+
 def find_images(path: str | Path, what: str = "image folder") -> ImageSet:
-    """All images under `path` (a folder, searched recursively, or one image file), sorted by path."""
+    """All images under `path` (a folder, searched recursively, or one image file), in natural path order."""
     root = Path(path)
     if not root.exists():
         raise ImageInputError(f"{what} {root} does not exist")
@@ -65,7 +73,7 @@ def find_images(path: str | Path, what: str = "image folder") -> ImageSet:
             raise ImageInputError(f"{what} {root} is not an image file ({', '.join(IMAGE_EXTENSIONS)})")
         return ImageSet(root.parent, [root])
     files, skipped = [], []
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+    for p in sorted((q for q in root.rglob("*") if q.is_file()), key=natural_key):
         if any(part.startswith(".") for part in p.relative_to(root).parts):
             continue  # hidden files and folders (.ipynb_checkpoints, .DS_Store)
         (files if p.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(p)

@@ -1,4 +1,5 @@
-"""What evaluation prints and writes: the random-weights warning, the results table and the bar chart."""
+"""What evaluation prints and writes: the random- and non-standard-weights notes, the results table and the bar
+chart."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +13,15 @@ def loud_random_warning(what: str, source: str) -> str:
     print(f"{RULE}\n!! {what} has RANDOMLY INITIALISED weights ({source}).\n!! The numbers exercise the pipeline "
           f"only: they are NOT comparable to published FID / CLIP scores.\n{RULE}", file=sys.stderr)
     return f"{what} is randomly initialised ({source}): numbers not comparable to published scores"
+
+
+def nonstandard_weights_note(path: str, sha256: str) -> str:
+    """The note for FID weights that are neither pytorch-fid's standard file nor marked random."""
+    from msd_lora.eval.weights import FID_WEIGHTS_NAME, FID_WEIGHTS_SHA256_PREFIX
+
+    return (f"the FID InceptionV3 weights {path} (sha256 {sha256[:16]}...) are not the standard FID weights "
+            f"(pytorch-fid's {FID_WEIGHTS_NAME}, sha256 {FID_WEIGHTS_SHA256_PREFIX}...): FID numbers are not "
+            f"comparable to published FID")
 
 
 def markdown_table(rows: list[dict], caption: str = "") -> str:

@@ -77,7 +77,9 @@ def test_grouping_with_n_iter_follows_the_sampling_order(torch_scorer, sample_ru
         torch_scorer.score(sample_run, PROMPTS[::-1])
 
 
-def test_model_folder_errors_name_the_file(random_clip, tmp_path):
+def test_model_folder_errors_name_the_file(random_clip, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     import shutil
 
     broken = tmp_path / "clip"
@@ -88,8 +90,86 @@ def test_model_folder_errors_name_the_file(random_clip, tmp_path):
         load_clip_files(broken)
     with pytest.raises(WeightsError, match="CLIP model folder .*nowhere not found"):
         resolve_clip_folder(tmp_path / "nowhere")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))  # not the user's
     with pytest.raises(WeightsError, match="not in the Hugging Face cache and downloads are off"):
         resolve_clip_folder(None, "openai/clip-vit-large-patch14")
+
+
+def fake_hub(monkeypatch, folder, etag: str):
+    """snapshot_download: nothing cached, `folder` when downloading; the Hub's metadata answers `etag`."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, **_):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url: type("Meta", (), {"etag": etag}))
+
+
+def test_download_says_what_was_verified(random_clip, monkeypatch, capsys):
+    from msd_lora.eval.weights import sha256_of
+
+    digest = sha256_of(random_clip / "model.safetensors")
+    fake_hub(monkeypatch, random_clip, f'"{digest}"')
+    assert resolve_clip_folder(None, "someone/tiny-clip", download=True) == random_clip
+    err = capsys.readouterr().err
+    assert "downloading CLIP model someone/tiny-clip from the Hugging Face Hub" in err and "1.7 GB" not in err
+    size = (random_clip / "model.safetensors").stat().st_size / 1e6
+    assert f"model.safetensors: {size:.1f} MB, sha256 {digest} verified against the hub" in err
+    fake_hub(monkeypatch, random_clip, '"W/abc123"')  # not an LFS file: the etag is no sha256
+    resolve_clip_folder(None, "someone/tiny-clip", download=True)
+    err = capsys.readouterr().err
+    assert f"sha256 {digest} not verifiable (no sha256 from the hub)" in err and "verified" not in err
+    fake_hub(monkeypatch, random_clip, "0" * 64)
+    with pytest.raises(WeightsError, match=f"sha256 {digest} differs from the Hub's {'0' * 64}; delete it"):
+        resolve_clip_folder(None, "someone/tiny-clip", download=True)
+
+
+def test_tokenizer_without_max_length_is_capped_at_the_text_positions(random_clip, tmp_path):
+    import shutil
+
+    folder = tmp_path / "clip"
+    shutil.copytree(random_clip, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["model_max_length"]  # transformers then assumes 1e30
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    scorer = ClipScorer("pt", ckpt_path=str(folder), device="cpu", progress=False)
+    assert scorer.tokenizer.model_max_length > 1e20 and scorer.max_length == 77
+    images = write_images(tmp_path / "images", 2, seed=6, tint=(1, 1, 1), size=24)
+    result = scorer.score(images, ["a cat " * 100])
+    assert result["num_images"] == 2 and "1 prompt(s) longer than 77 tokens were truncated" in result["notes"]
+
+
+def test_pairing_follows_numeric_order_past_five_digits(torch_scorer, tmp_path):
+    """From 100,000 images on, text_to_image.py's names get a sixth digit; 100000.png still follows 99999.png."""
+    numbers = (99998, 99999, 100000, 100001)
+    write_images(tmp_path / "samples", 4, seed=7, tint=(1, 1, 1), size=16)
+    for i, n in enumerate(numbers):
+        (tmp_path / "samples" / f"{i:05d}.png").rename(tmp_path / "samples" / f"{n:05d}.png")
+    rows = [{"file": f"samples/{n:05d}.png", "prompt": PROMPTS[i // 2]} for i, n in enumerate(numbers)]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = torch_scorer.score(tmp_path, PROMPTS, images_per_prompt=2)  # checked against samples.jsonl
+    assert [r["file"].rsplit("/", 1)[1] for r in result["records"]] == [f"{n:05d}.png" for n in numbers]
+    assert [r["prompt"] for r in result["records"]] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+
+
+def test_torch_clip_is_built_without_random_init(random_clip, monkeypatch):
+    """The weights come from the file: transformers' _init_weights must not run first (ViT-L/14: slow, twice the
+    memory)."""
+    from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
+
+    from msd_lora.backends.torch.clip_score import TorchClipEmbedder
+
+    calls = []
+    monkeypatch.setattr(CLIPPreTrainedModel, "_init_weights", lambda self, module: calls.append(module))
+    files = load_clip_files(random_clip)
+    embedder = TorchClipEmbedder(files.config, dict(files.state), str(random_clip), "cpu")
+    assert calls == []
+    want = load_clip_files(random_clip).state["visual_projection.weight"]
+    np.testing.assert_array_equal(embedder.model.visual_projection.weight.detach().numpy(), want)
 
 
 def test_parameter_list_matches_full_size_vit_l14():

@@ -88,3 +88,18 @@ def test_bad_stats_files(tmp_path):
         load_statistics(tmp_path / "other.npz")
     with pytest.raises(StatisticsError, match="must end in .npz"):
         save_statistics(tmp_path / "stats.txt", Gaussian(np.zeros(2), np.eye(2)))
+
+
+def test_unreadable_stats_files_are_named(tmp_path):
+    g = feature_statistics(features(20, 16, 6))
+    save_statistics(tmp_path / "real.npz", g)
+    data = (tmp_path / "real.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "text.npz").write_text("mu, sigma\n")
+    for name in ("truncated.npz", "empty.npz", "text.npz"):
+        with pytest.raises(StatisticsError, match=rf"statistics file .*{name} cannot be read as an .npz"):
+            load_statistics(tmp_path / name)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(StatisticsError, match="array.npy is not an FID statistics file: a single array"):
+        load_statistics(tmp_path / "array.npy")

@@ -70,3 +70,16 @@ def test_text_to_image_output_folder_means_its_samples(tmp_path):
     (tmp_path / "samples.jsonl").write_text("")
     assert sample_folder(tmp_path) == tmp_path / "samples"
     assert sample_folder(tmp_path / "samples") == tmp_path / "samples"
+
+
+def test_numbered_files_keep_their_numeric_order_past_five_digits(tmp_path):
+    """text_to_image.py names images {count:05d}.png: 100000.png comes after 99999.png, not before 10001.png."""
+    numbers = (0, 9, 10, 9999, 10000, 10001, 99999, 100000, 100001, 123456)
+    for n in numbers:
+        (tmp_path / f"{n:05d}.png").write_bytes(b"")  # only the names matter here
+    (tmp_path / "sub2").mkdir()
+    (tmp_path / "sub10").mkdir()
+    (tmp_path / "sub10" / "a.png").write_bytes(b"")
+    (tmp_path / "sub2" / "a.png").write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path).files]
+    assert found == [f"{n:05d}.png" for n in numbers] + ["sub2/a.png", "sub10/a.png"]

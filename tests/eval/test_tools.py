@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 from tests.conftest import TINY_MODEL, tiny_args  # noqa: E402
 from tests.eval.conftest import write_images  # noqa: E402
@@ -115,6 +116,10 @@ def test_run_eval_from_lora_to_table(image_sets, random_networks, tmp_path, caps
         run = summary["results"][key]
         assert len(list((out / f"samples_{key}" / "samples").glob("*.png"))) == 4
         assert run["fid"]["num_gen"] == 4 and run["fid"]["num_real"] == 5 and run["clip"]["num_images"] == 4
+        records = [json.loads(line) for line in Path(run["clip"]["records"]).read_text().splitlines()]
+        assert run["clip"]["records"] == str(out / f"clip_scores_{key}.jsonl") and len(records) == 4
+        assert np.mean([r["clip_score"] for r in records]) == pytest.approx(run["clip"]["clip_score"])
+    assert summary["standard_fid_weights"] is False
     table = (out / "results.md").read_text()
     assert "| Model | Task | Dataset | FID ↓ | CLIP score ↑ |" in table and "RANDOMLY INITIALISED" in table
     lora_row = f"| tiny_sd | LoRA | real | {summary['results']['lora']['fid']['fid']:.2f} |"
@@ -122,3 +127,73 @@ def test_run_eval_from_lora_to_table(image_sets, random_networks, tmp_path, caps
     assert Image.open(out / "results.png").size[0] > 400
     assert run_eval.main([*argv[:2], "--lora_ckpt_path", str(tmp_path / "none.safetensors"), *argv[4:]]) == 2
     assert "none.safetensors not found" in capsys.readouterr().err
+
+
+def test_statistics_saved_with_the_pth_are_accepted_with_its_safetensors_copy(inception_pth, inception_safetensors,
+                                                                               tmp_path, capsys):
+    """The torch machine saves statistics with the .pth, the MindSpore machine reads them with the converted copy."""
+    from tools.eval.convert_inception_weights import main as convert
+
+    from msd_lora.eval.fid import FidEvaluator
+
+    two = write_images(tmp_path / "two", 2, seed=9, tint=(1, 1, 1), size=24)
+    stats, out = tmp_path / "real.npz", tmp_path / "fid.json"
+    torch_machine = FidEvaluator("pt", str(inception_pth), device="cpu", progress=False)
+    assert torch_machine.weights["standard"] is False  # random values, but neither pytorch-fid's nor marked random
+    assert any("are not the standard FID weights" in n for n in torch_machine.notes)
+    torch_machine.real_statistics(two, save_stats=stats)
+    assert convert([str(inception_pth), str(tmp_path / "copy.safetensors")]) == 0
+    reuse = ["--real_stats", str(stats), "--gen_dir", str(two), *PT, "--inception_weights"]
+    assert eval_fid.main([*reuse, str(tmp_path / "copy.safetensors"), "--output_json", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["fid"]) <= 1e-6  # the same two images
+    assert "are not the standard FID weights" in capsys.readouterr().err
+    assert eval_fid.main([*reuse, str(inception_safetensors)]) == 2  # same values, but other weights by identity
+    assert "computed with other Inception weights" in capsys.readouterr().err
+
+
+def test_pytorch_fid_statistics_are_noted_and_count_unknown(inception_safetensors, tmp_path, capsys):
+    plain, out = tmp_path / "pytorch_fid.npz", tmp_path / "fid.json"
+    np.savez(plain, mu=np.zeros(2048), sigma=np.eye(2048))  # the layout pytorch-fid --save-stats writes
+    two = write_images(tmp_path / "two", 2, seed=9, tint=(1, 1, 1), size=24)
+    assert eval_fid.main(["--real_stats", str(plain), "--gen_dir", str(two), "--inception_weights",
+                          str(inception_safetensors), "--output_json", str(out), "--resize", "pil_bicubic", *PT]) == 0
+    printed = capsys.readouterr()
+    assert "(2 generated vs unknown real images" in printed.out and json.loads(out.read_text())["num_real"] is None
+    assert (f"{plain} does not record its preprocessing (--resize) or Inception weights, so this run cannot check "
+            f"them (pytorch-fid's own .npz files are --resize bilinear with its standard weights): compare only "
+            f"with --resize bilinear, not this run's --resize pil_bicubic") in printed.err
+
+
+def test_eval_fid_statistics_and_weights_errors_come_first(image_sets, inception_pth, tmp_path, capsys,
+                                                           monkeypatch):
+    """Bad --save_stats / --real_stats fail before the weights are even looked for (none.pth does not exist)."""
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(inception_pth.read_bytes()[:100_000])
+    gen = ["--gen_dir", str(image_sets["gen"])]
+    cases = [
+        (fid_args(image_sets["real"], image_sets["gen"], tmp_path / "none.pth", "--save_stats", "real.stats"),
+         "--save_stats real.stats: the statistics file must end in .npz"),
+        (["--real_stats", str(tmp_path / "missing.npz"), *gen, "--inception_weights", "none.pth", *PT],
+         f"statistics file {tmp_path}/missing.npz not found"),
+        (["--real_stats", str(tmp_path / "broken.npz"), *gen, "--inception_weights", "none.pth", *PT],
+         f"statistics file {tmp_path}/broken.npz cannot be read as an .npz"),
+        (fid_args(image_sets["real"], image_sets["gen"], truncated),
+         f"Inception weights file {truncated} cannot be read"),
+    ]
+    for argv, message in cases:
+        assert eval_fid.main(argv) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "gpu"):
+        argv = fid_args(image_sets["real"], image_sets["gen"], inception_pth) + ["--device", device]
+        assert eval_fid.main(argv) == 2
+        assert f"device '{device}' was asked for, but torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_run_eval_caption_flags_non_standard_fid_weights():
+    assert "RANDOMLY INITIALISED" in run_eval.weights_caption({"random_init": True, "standard": False}, False)
+    assert "RANDOMLY INITIALISED" in run_eval.weights_caption({"random_init": False, "standard": True}, True)
+    caption = run_eval.weights_caption({"file": "mine.pth", "random_init": False, "standard": False}, False)
+    assert "(mine.pth) are not the standard FID weights" in caption and "not comparable to published FID" in caption
+    assert run_eval.weights_caption({"random_init": False, "standard": True}, False) == ""

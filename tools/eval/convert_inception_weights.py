@@ -1,5 +1,6 @@
 """Convert pytorch-fid's FID InceptionV3 weight file (.pth) to safetensors, checking it against our architecture,
 so a machine without torch (MindSpore only) can load it: `eval_fid.py --backend ms --inception_weights X.safetensors`.
+The copy records the .pth's sha256 (`source_sha256`): statistics saved with the .pth are accepted with the copy.
 
     python tools/eval/convert_inception_weights.py pt_inception-2015-12-05-6726825d.pth fid_inception.safetensors
 """
@@ -14,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval import inception_arch as arch  # noqa: E402
-from msd_lora.eval.weights import read_inception_weights, sha256_of  # noqa: E402
+from msd_lora.eval.weights import (RANDOM_INIT_KEY, SOURCE_SHA256_KEY, read_inception_weights,  # noqa: E402
+                                   weights_identity)
 from msd_lora.models.state_check import check_state_fits  # noqa: E402
 
 
@@ -26,9 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("source", help="the .pth file (read with torch.load(weights_only=True))")
     p.add_argument("target", help="the .safetensors file to write")
     args = p.parse_args(argv)
-    state, _ = read_inception_weights(args.source)
+    state, found = read_inception_weights(args.source)
     check_state_fits(state, arch.state_shapes(), args.source, "the FID InceptionV3")
-    metadata = {"format": "pt", "source": Path(args.source).name, "source_sha256": sha256_of(Path(args.source))}
+    # the copy keeps the weights' identity (the original .pth's sha256) and any random-init mark
+    metadata = {"format": "pt", "source": found.get("source", Path(args.source).name),
+                SOURCE_SHA256_KEY: weights_identity(args.source, found),
+                **{k: found[k] for k in (RANDOM_INIT_KEY,) if k in found}}
     save_file({k: v.astype("float32") for k, v in state.items()}, args.target, metadata=metadata)
     print(f"{args.target}: {len(state)} tensors from {args.source}")
     return 0

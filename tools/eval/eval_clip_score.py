@@ -9,7 +9,6 @@ Images pair with prompts in text_to_image.py's order: n_iter*n_samples consecuti
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval.clip_model import DEFAULT_CLIP_MODEL  # noqa: E402
-from tools.eval._common import add_backend_args, print_notes, write_json  # noqa: E402
+from tools.eval._common import add_backend_args, print_notes, write_json, write_jsonl  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +49,10 @@ def run(args: argparse.Namespace) -> dict:
 
 @exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
-    from msd_lora.io_utils import atomic_write_text
-
     args = build_parser().parse_args(argv)
     result = run(args)
     print_notes(result["notes"])
-    atomic_write_text(args.output_jsonl, "".join(json.dumps(r) + "\n" for r in result["records"]))
+    write_jsonl(args.output_jsonl, result["records"])
     if args.output_json:
         write_json(args.output_json, {k: v for k, v in result.items() if k != "records"})
     print(f"CLIP score: {result['clip_score']:.4f}  ({result['num_images']} images, {result['num_prompts']} prompts, "

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval.preprocess import DEFAULT_RESIZE, PROTOCOLS  # noqa: E402
-from tools.eval._common import add_backend_args, print_notes, write_json  # noqa: E402
+from tools.eval._common import add_backend_args, check_statistics_args, print_notes, write_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> dict:
                          "--real_stats")
     if bool(args.real_dir) == bool(args.real_stats):
         raise ValueError("give --real_dir DIR or --real_stats FILE.npz (one of them)")
+    check_statistics_args(args.real_stats, args.save_stats)  # bad input fails before the network loads
     for folder, what in ((args.real_dir, "--real_dir"), (args.gen_dir, "--gen_dir")):
         if folder:
-            fid_image_set(folder, what)  # bad input fails before the network loads
+            fid_image_set(folder, what)
     evaluator = FidEvaluator(args.backend, args.inception_weights, args.resize, args.batch_size, args.device,
                              args.ms_mode, args.progress)
     real = evaluator.real_statistics(args.real_dir, args.real_stats, args.save_stats)
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_notes(result["notes"])
     if args.output_json:
         write_json(args.output_json, result)
-    print(f"FID: {result['fid']:.4f}  ({result['num_gen']} generated vs {result['num_real']} real images, "
+    num_real = "unknown" if result["num_real"] is None else result["num_real"]
+    print(f"FID: {result['fid']:.4f}  ({result['num_gen']} generated vs {num_real} real images, "
           f"--resize {result['resize']} = {result['protocol']}, backend {result['backend']})")
     return 0
 

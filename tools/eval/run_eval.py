@@ -1,6 +1,6 @@
 """From a LoRA to a results table: sample the prompts without and with the LoRA, then FID against the real images
-and CLIP score against the prompts for both; writes results.json, results.md (mindone's table shape) and
-results.png (a bar chart) under --output_path.
+and CLIP score against the prompts for both; writes results.json, results.md (mindone's table shape),
+results.png (a bar chart) and the per-image CLIP scores (clip_scores_{base,lora}.jsonl) under --output_path.
 
     python tools/eval/run_eval.py --config configs/train/lora_v1.yaml --lora_ckpt_path runs/x/lora.safetensors \
         --prompts prompts.txt --real_dir data/train_images --output_path runs/x/eval
@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval.clip_model import DEFAULT_CLIP_MODEL  # noqa: E402
 from msd_lora.eval.preprocess import DEFAULT_RESIZE, PROTOCOLS  # noqa: E402
-from tools.eval._common import add_backend_args, print_notes, write_json  # noqa: E402
+from msd_lora.eval.weights import FID_WEIGHTS_NAME  # noqa: E402
+from tools.eval._common import (add_backend_args, check_statistics_args, print_notes, write_json,  # noqa: E402
+                                write_jsonl)
 
 CONDITIONS = (("base", "no LoRA"), ("lora", "LoRA"))
 
@@ -57,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sampling_device(args: argparse.Namespace) -> str:
+    """--device for text_to_image.py: MindSpore's name `gpu` is `cuda` to its torch backend (as for the metrics)."""
+    from msd_lora.eval.networks import backend_name
+
+    return "cuda" if backend_name(args.backend) == "torch" and args.device.lower() == "gpu" else args.device
+
+
 def sample(args: argparse.Namespace, base: Path, model_cfg: str, output: Path, lora: bool) -> Path:
     """text_to_image.py for the prompts file, without or with the LoRA; returns its output folder."""
     from msd_lora.cli import sample as t2i
@@ -66,12 +75,23 @@ def sample(args: argparse.Namespace, base: Path, model_cfg: str, output: Path, l
             "--n_samples", str(args.n_samples), "--n_iter", str(args.n_iter), "--sampling_steps",
             str(args.sampling_steps), "--sampler", args.sampler, "--scale", str(args.scale), "--negative_prompt",
             args.negative_prompt, "--seed", str(args.seed), "--output_path", str(output),
-            "--backend", backend_name(args.backend), "--device", args.device]
+            "--backend", backend_name(args.backend), "--device", sampling_device(args)]
     argv += ["--H", str(args.H)] if args.H else []
     argv += ["--W", str(args.W)] if args.W else []
     if lora:
         argv += ["--use_lora", "True", "--lora_ckpt_path", args.lora_ckpt_path, "--lora_scale", str(args.lora_scale)]
     return t2i.run(t2i.build_parser().parse_args(argv))
+
+
+def weights_caption(fid_weights: dict, clip_random: bool) -> str:
+    """The table caption's warning: random feature networks, or FID weights that are not the standard ones."""
+    if fid_weights["random_init"] or clip_random:
+        return (" **Feature networks are RANDOMLY INITIALISED: these numbers test the pipeline and are not "
+                "comparable to published FID / CLIP scores.**")
+    if not fid_weights["standard"]:
+        return (f" **The FID InceptionV3 weights ({fid_weights['file']}) are not the standard FID weights "
+                f"(pytorch-fid's {FID_WEIGHTS_NAME}): FID is not comparable to published FID.**")
+    return ""
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -85,6 +105,7 @@ def run(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"--lora_ckpt_path {args.lora_ckpt_path} not found")
     if bool(args.real_dir) == bool(args.real_stats):
         raise ValueError("give --real_dir DIR or --real_stats FILE.npz (one of them)")
+    check_statistics_args(args.real_stats)
     cfg = load_train_config(["--train_config", args.config])
     base = Path(args.pretrained_model_path or cfg.pretrained_model_path)
     model_cfg = args.model_config or cfg.model_config
@@ -98,20 +119,18 @@ def run(args: argparse.Namespace) -> dict:
     results, rows = {}, []
     for key, task in CONDITIONS:
         folder = sample(args, base, model_cfg, out / f"samples_{key}", lora=key == "lora")
-        results[key] = {"samples": str(folder), "fid": fid.fid(real, folder),
-                        "clip": {k: v for k, v in clip.score(folder, prompts, args.n_iter * args.n_samples).items()
-                                 if k != "records"}}
+        scores = clip.score(folder, prompts, args.n_iter * args.n_samples)
+        records = write_jsonl(out / f"clip_scores_{key}.jsonl", scores.pop("records"))
+        results[key] = {"samples": str(folder), "fid": fid.fid(real, folder), "clip": {**scores, "records": records}}
         rows.append({"model": base.name, "task": task, "dataset": Path(args.real_dir or args.real_stats).name,
                      "label": key, "fid": results[key]["fid"]["fid"], "clip_score": results[key]["clip"]["clip_score"]})
     random_init = fid.weights["random_init"] or clip.model["random_init"]
     caption = (f"{len(prompts)} prompts x {args.n_iter * args.n_samples} images per run, FID --resize {args.resize} "
                f"({fid.protocol.reproduces}), backend {fid.backend}, LoRA {args.lora_ckpt_path} "
-               f"(scale {args.lora_scale}).")
-    if random_init:
-        caption += (" **Feature networks are RANDOMLY INITIALISED: these numbers test the pipeline and are not "
-                    "comparable to published FID / CLIP scores.**")
+               f"(scale {args.lora_scale}).") + weights_caption(fid.weights, clip.model["random_init"])
     summary = {"config": args.config, "pretrained_model_path": str(base), "lora_ckpt_path": args.lora_ckpt_path,
                "prompts": prompts, "real": args.real_dir or args.real_stats, "random_feature_networks": random_init,
+               "standard_fid_weights": fid.weights["standard"],
                "sampling": {k: getattr(args, k) for k in ("n_samples", "n_iter", "sampling_steps", "sampler",
                                                           "scale", "seed")},
                "results": results, "table": rows}

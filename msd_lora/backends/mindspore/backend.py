@@ -93,8 +93,12 @@ class _Decode(nn.Cell):
 class MindSporeBackend(Backend):
     name = "mindspore"
 
-    def __init__(self, mode: int = 0, device: str = "auto", enable_flash_attention: bool = False, **_: Any):
+    def __init__(self, mode: int = 0, device: str = "auto", enable_flash_attention: bool = False,
+                 mixed_precision: str = "no", **_: Any):
         self.device_target = configure_context(mode, device)
+        if mixed_precision != "no":
+            warnings.warn(f"mixed_precision '{mixed_precision}' is torch autocast and does nothing on MindSpore: "
+                          "use lora_fp16: True for float16 LoRA compute", UserWarning, stacklevel=2)
         if enable_flash_attention and self.device_target != "Ascend":
             raise ValueError(f"enable_flash_attention needs Ascend (MindSpore's flash-attention kernel exists only "
                              f"there); this run's device target is {self.device_target}. Set "

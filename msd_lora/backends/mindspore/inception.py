@@ -1,6 +1,8 @@
-"""pytorch-fid's FID InceptionV3 in MindSpore, built from msd_lora.eval.inception_arch with nn.Conv2d /
-nn.BatchNorm2d / pooling cells that have CPU kernels (no kernel substitutes needed). Weight-file names map to ours
-by `inception_arch.mindspore_name` (batch norm: gamma, beta, moving_mean, moving_variance)."""
+"""pytorch-fid's FID InceptionV3 in MindSpore, built from msd_lora.eval.inception_arch with mint.nn.Conv2d,
+nn.BatchNorm2d (inference statistics) and nn pooling cells. On CPU, mint.nn.Conv2d has no kernel (Conv2DExt): its
+construct is the backend's substitute (gather + matmul, msd_lora/backends/mindspore/kernels.py), which
+`configure_context` applies before the network is built; batch norm and pooling have CPU kernels. Weight-file names
+map to ours by `inception_arch.mindspore_name` (batch norm: gamma, beta, moving_mean, moving_variance)."""
 from __future__ import annotations
 
 import numpy as np

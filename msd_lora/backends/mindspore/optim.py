@@ -7,7 +7,8 @@ and `mint.optim.AdamW` has no CPU kernel. Per step t (torch's single-tensor CPU 
     p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 All LoRA weights live in one flat vector here (see `step.FlatLayout`): the update compiles to a dozen ops
 instead of a dozen per tensor, which cut the train step's graph compile time several-fold.
-The cell takes a boolean `finite`: when False nothing changes (moments, step count and weights all kept).
+The cell takes a boolean `finite` (the train step passes `update and all gradients finite`): when False nothing
+changes (moments, step count and weights all kept).
 """
 from __future__ import annotations
 

@@ -140,7 +140,8 @@ class TrainStep(nn.Cell):
 
     def _adjust_scale(self, update, finite):
         """On optimizer steps (dynamic scaler only): shrink the scale on overflow, grow it after `scale_window`
-        clean steps in a row."""
+        clean steps in a row. Unlike torch's GradScaler the scale never shrinks below 1 (mindspore.amp's
+        DynamicLossScaler does the same): a scale under 1 would only shrink fp16 gradients further."""
         update = ops.logical_and(update, self.dynamic)
         factor = self.scale_factor
         good = ops.select(finite, self.good_steps + 1, ops.zeros_like(self.good_steps))

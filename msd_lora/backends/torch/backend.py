@@ -22,11 +22,17 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` (CUDA when present), `cpu`, `cuda[:N]`, or MindSpore's name `gpu`; a device torch cannot use here is a
+    ValueError naming it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{device}' was asked for, but torch sees no CUDA GPU; use device: cpu")
-    return torch.device(device)
+    name = "cuda" if device.lower() == "gpu" else device
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was asked for, but torch sees no CUDA GPU; use device: cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device '{device}' is not a torch device ({err})") from None
 
 
 def build_network(name: str, build, config: dict, state: dict[str, np.ndarray], source: str) -> torch.nn.Module:

@@ -4,21 +4,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from msd_lora.models.state_check import check_state_fits
+from msd_lora.backends.torch.backend import build_network
+from msd_lora.backends.torch.backend import resolve_device
+
+
+def clip_model(config: dict) -> torch.nn.Module:
+    from transformers import CLIPConfig, CLIPModel
+
+    return CLIPModel(CLIPConfig.from_dict(config))
 
 
 class TorchClipEmbedder:
     def __init__(self, config: dict, state: dict[str, np.ndarray], source: str, device: str = "auto"):
-        from transformers import CLIPConfig, CLIPModel
-
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
-        self.model = CLIPModel(CLIPConfig.from_dict(config)).eval()
-        expected = {n: tuple(t.shape) for n, t in self.model.state_dict().items()}
-        check_state_fits(state, expected, source, "transformers' CLIPModel")
-        self.model.load_state_dict({n: torch.from_numpy(np.asarray(v, np.float32)) for n, v in state.items()},
-                                   strict=True)
-        self.model.to(self.device)
+        """Builds transformers' CLIPModel without random init and fills it tensor by tensor from `state` (the
+        torch backend's build_network: strict, and `state` is emptied as it is copied)."""
+        self.device = resolve_device(device)
+        self.model = build_network("CLIPModel", clip_model, config, state, source).eval().to(self.device)
 
     @torch.no_grad()
     def image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:

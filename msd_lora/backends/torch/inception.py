@@ -3,11 +3,14 @@ file's, so its state dict loads unchanged. Input: (N, 3, 299, 299) float32 alrea
 output: pool3 features (N, 2048)."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msd_lora.backends.torch.backend import resolve_device
 from msd_lora.eval import inception_arch as arch
 from msd_lora.models.state_check import check_state_fits
 
@@ -74,8 +77,7 @@ class TorchInceptionFeatures:
     """Callable: (N, 3, 299, 299) float32 numpy -> (N, 2048) float32 pool3 features."""
 
     def __init__(self, state: dict[str, np.ndarray], source: str, device: str = "auto"):
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = resolve_device(device)
         self.network = FidInceptionV3().eval()
         check_state_fits(state, arch.state_shapes(), source, "the FID InceptionV3")
         buffers = {n: b for n, b in self.network.state_dict().items() if n.endswith("num_batches_tracked")}
@@ -91,7 +93,13 @@ class TorchInceptionFeatures:
 
 def read_pth_state(path: str) -> dict[str, np.ndarray]:
     """A torch state-dict file (.pth) as numpy arrays, read with `torch.load(weights_only=True)`: no code runs."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's refusal text advises weights_only=False: keep its reason only
+        reason = str(err).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+        raise ValueError(f"torch.load(weights_only=True) refused it: {' '.join(reason.split())}") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
     return {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
