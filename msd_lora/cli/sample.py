@@ -16,6 +16,7 @@ import numpy as np
 
 from msd_lora.cli.errors import exits_on_user_error
 from msd_lora.config import REPO_ROOT, str_to_bool
+from msd_lora.data.prompts import read_prompts_file
 from msd_lora.diffusion.samplers import SAMPLERS
 
 TINY_MODEL = REPO_ROOT / "msd_lora/assets/tiny_sd"
@@ -53,13 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.data_path:
-        path = Path(args.data_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--data_path {path}: prompts file not found (a .txt, one prompt per line)")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"--data_path {path} holds no prompts")
-        return prompts
+        return read_prompts_file(args.data_path, what="--data_path prompts file")
     if args.prompt is None:
         raise ValueError("give --prompt TEXT or --data_path PROMPTS.txt")
     return [args.prompt]

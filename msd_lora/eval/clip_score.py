@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msd_lora.data.prompts import read_prompts_file
+
 
 class PairingError(ValueError):
     """Images and prompts do not pair up; the message says how they differ."""
@@ -38,12 +40,7 @@ def read_prompts(prompt_or_path: str) -> list[str]:
     """A .txt file (one prompt per non-empty line, as text_to_image.py --data_path reads it) or one prompt."""
     path = Path(prompt_or_path)
     if path.suffix == ".txt" or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} not found")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise PairingError(f"prompts file {path} holds no prompts")
-        return prompts
+        return read_prompts_file(path, error=PairingError)
     if not prompt_or_path.strip():
         raise PairingError("the prompt is empty")
     return [prompt_or_path]

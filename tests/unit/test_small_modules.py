@@ -72,3 +72,15 @@ def test_resume_file_errors(tmp_path):
         load_resume(tmp_path / "l.safetensors")
     with pytest.raises(ResumeError, match="resume file .*missing.safetensors does not exist"):
         load_resume(tmp_path / "missing.safetensors")
+
+
+def test_prompts_file_one_prompt_per_line_and_its_errors(tmp_path):
+    from msd_lora.data.prompts import read_prompts_file
+
+    (tmp_path / "p.txt").write_text("  a red circle \n\n\na blue square\n", encoding="utf-8")
+    assert read_prompts_file(tmp_path / "p.txt") == ["a red circle", "a blue square"]
+    with pytest.raises(FileNotFoundError, match=r"--data_path prompts file .*nope.txt not found \(a .txt file"):
+        read_prompts_file(tmp_path / "nope.txt", what="--data_path prompts file")
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"prompts file .*empty.txt holds no prompts"):
+        read_prompts_file(tmp_path / "empty.txt")
