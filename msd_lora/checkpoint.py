@@ -14,13 +14,11 @@ import numpy as np
 
 from msd_lora.io_utils import atomic_write, read_safetensors
 from msd_lora.lora.keys import LoraWeights, from_tensors, to_tensors
+from msd_lora.errors import ResumeError
 
 RESUME_FORMAT = "msd_lora.resume/1"
 RESUME_NAME = "train_resume.safetensors"
 
-
-class ResumeError(ValueError):
-    """A resume file is missing, unreadable or from another run layout."""
 
 
 @dataclass

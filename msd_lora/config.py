@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
+from msd_lora.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-class ConfigError(ValueError):
-    """A configuration value, key or file is wrong; the message says which and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +265,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
     except Exception as err:  # omegaconf raises several parser error types
-        raise ConfigError(f"{path}: not valid yaml: {err}") from None
+        raise ConfigError(f"{path}: not valid yaml: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     unknown_key_check(raw, source=str(path))

@@ -6,6 +6,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+from msd_lora.errors import UnwritablePathError
 
 
 def _current_umask() -> int:
@@ -51,8 +52,8 @@ def ensure_writable_dir(path: str | Path, what: str = "output_path") -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test."):
             pass
     except OSError as err:
-        raise PermissionError(f"{what} '{path}' is not writable ({err.strerror}); "
-                              f"choose another folder with --{what}") from None
+        raise UnwritablePathError(f"{what} '{path}' is not writable ({err.strerror}); "
+                              f"choose another folder with --{what}") from err
     return path
 
 
@@ -70,4 +71,4 @@ def read_safetensors(path: str | Path, error: type[Exception], what: str) -> tup
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError) as err:
         raise error(f"{what} {path} is not a readable safetensors file ({err}); "
-                    f"it may be truncated or in another format") from None
+                    f"it may be truncated or in another format") from err

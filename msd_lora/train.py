@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, get_backend
-from msd_lora.checkpoint import RESUME_NAME, ResumeError, ResumeState, load_resume, save_resume
+from msd_lora.checkpoint import RESUME_NAME, ResumeState, load_resume, save_resume
+from msd_lora.errors import ConfigError, LoraMismatchError, MissingPathError, ResumeError
 from msd_lora.config import Config, write_config
 from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
 from msd_lora.data.dataset import CaptionedImageDataset
@@ -59,7 +60,7 @@ class Trainer:
         self.show_progress = show_progress
         self.output = ensure_writable_dir(cfg.output_path)
         if cfg.init_lora_path and not Path(cfg.init_lora_path).is_file():
-            raise FileNotFoundError(f"init_lora_path {cfg.init_lora_path} does not exist")
+            raise MissingPathError(f"init_lora_path {cfg.init_lora_path} does not exist")
         pretrained, self.model_config = load_model(cfg.pretrained_model_path, cfg.model_config or None)
         self.schedule: NoiseSchedule = self.model_config.noise_schedule()
         self.notes = [pretrained.metadata["note"]] if pretrained.metadata.get("note") else []
@@ -72,7 +73,7 @@ class Trainer:
                                               mode=cfg.mode, enable_flash_attention=cfg.enable_flash_attention)
         self.info: ModelInfo = self.backend.load_model(pretrained, self.model_config.prediction_type)
         if cfg.image_size % self.info.vae_scale_factor:
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of the VAE's downscale factor "
+            raise ConfigError(f"image_size {cfg.image_size} is not a multiple of the VAE's downscale factor "
                              f"{self.info.vae_scale_factor}")
         self.spec = LoraSpec.from_config(cfg)
         shapes = self.backend.linear_shapes()
@@ -132,8 +133,8 @@ class Trainer:
             raise ResumeError(f"{path} is at step {state.step}, past this run's {self.plan.total_steps} steps")
         try:
             self.backend.set_lora_weights(state.lora)
-        except ValueError as err:
-            raise ResumeError(f"{path} does not fit this run's LoRA: {err}") from None
+        except LoraMismatchError as err:
+            raise ResumeError(f"{path} does not fit this run's LoRA: {err}") from err
         self.backend.load_training_state(state.arrays, state.scalars, source=str(path))
         log_message(f"resumed from {path} at step {state.step}")
         return state.step, int(state.scalars.get("skipped_steps", 0))

@@ -26,6 +26,7 @@ from msd_lora.lora.merge import extract_lora, merge_into_state  # noqa: E402
 from msd_lora.lora.module_index import ModuleIndex  # noqa: E402
 from msd_lora.models.export import MODEL_FORMATS, save_model  # noqa: E402
 from msd_lora.models.pretrained import load_model  # noqa: E402
+from msd_lora.errors import ConfigError
 
 DEFAULT_RATIO = 0.75
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def merge(args) -> str:
     if not args.lora:
-        raise ValueError("give at least one --lora FILE[:ratio]")
+        raise ConfigError("give at least one --lora FILE[:ratio]")
     model, cfg = load_model(args.base, args.model_config or None)
     index = ModuleIndex.from_configs(model.configs)
     sign = -1.0 if args.unmerge else 1.0
@@ -74,13 +75,13 @@ def merge(args) -> str:
 
 def extract(args) -> str:
     if not args.tuned:
-        raise ValueError("--extract needs --tuned MODEL")
+        raise ConfigError("--extract needs --tuned MODEL")
     base, cfg = load_model(args.base, args.model_config or None)
     tuned, _ = load_model(args.tuned, cfg)
     flat = lambda m: {f"{n}.{k}": v for n in ("unet", "text_encoder") for k, v in m.state[n].items()}  # noqa: E731
     weights = extract_lora(flat(base), flat(tuned), args.rank, include_conv=args.conv)
     if not weights:
-        raise ValueError(f"{args.tuned} and {args.base} have the same weights in every layer considered")
+        raise ConfigError(f"{args.tuned} and {args.base} have the same weights in every layer considered")
     out = write_lora(args.out, weights, args.lora_format, ModuleIndex.from_configs(base.configs), base_model=args.base)
     return f"extracted a rank-{args.rank} LoRA on {len(weights)} layers -> {out}"
 

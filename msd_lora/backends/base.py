@@ -15,6 +15,7 @@ from msd_lora.checkpoint import TrainingState, check_training_state
 from msd_lora.lora.keys import LoraWeights, check_lora_fits, to_tensors
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
+from msd_lora.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -189,4 +190,4 @@ def get_backend(name: str, **options: Any) -> Backend:
         from msd_lora.backends.mindspore.backend import MindSporeBackend
 
         return MindSporeBackend(**options)
-    raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'mindspore'")
+    raise ConfigError(f"unknown backend {name!r}; expected 'torch' or 'mindspore'")

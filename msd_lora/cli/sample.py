@@ -18,6 +18,7 @@ from msd_lora.cli.errors import exits_on_user_error
 from msd_lora.config import REPO_ROOT, str_to_bool
 from msd_lora.data.prompts import read_prompts_file
 from msd_lora.diffusion.samplers import SAMPLERS
+from msd_lora.errors import ConfigError
 
 TINY_MODEL = REPO_ROOT / "msd_lora/assets/tiny_sd"
 
@@ -56,7 +57,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.data_path:
         return read_prompts_file(args.data_path, what="--data_path prompts file")
     if args.prompt is None:
-        raise ValueError("give --prompt TEXT or --data_path PROMPTS.txt")
+        raise ConfigError("give --prompt TEXT or --data_path PROMPTS.txt")
     return [args.prompt]
 
 
@@ -64,12 +65,12 @@ def lora_pairs(args: argparse.Namespace) -> list[tuple[str, float]]:
     if not args.use_lora:
         return []
     if not args.lora_ckpt_path:
-        raise ValueError("--use_lora True needs --lora_ckpt_path FILE")
+        raise ConfigError("--use_lora True needs --lora_ckpt_path FILE")
     scales = args.lora_scale or [1.0] * len(args.lora_ckpt_path)
     if len(scales) == 1 and len(args.lora_ckpt_path) > 1:
         scales = scales * len(args.lora_ckpt_path)
     if len(scales) != len(args.lora_ckpt_path):
-        raise ValueError(f"{len(args.lora_ckpt_path)} --lora_ckpt_path values but {len(scales)} --lora_scale values")
+        raise ConfigError(f"{len(args.lora_ckpt_path)} --lora_ckpt_path values but {len(scales)} --lora_scale values")
     return list(zip(args.lora_ckpt_path, scales))
 
 
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> Path:
                                 width=args.W or model_cfg.image_size, seed=args.seed)
     for side in (settings.height, settings.width):
         if side % info.vae_scale_factor:
-            raise ValueError(f"--H/--W {side} must be a multiple of the VAE factor {info.vae_scale_factor}")
+            raise ConfigError(f"--H/--W {side} must be a multiple of the VAE factor {info.vae_scale_factor}")
     count = 0
     with open(out / "samples.jsonl", "w") as index, tqdm(total=len(prompts) * args.n_iter, desc="sample") as bar:
         for p, prompt in enumerate(prompts):

@@ -7,6 +7,7 @@ no matter how many batches were drawn before. Backend-neutral (numpy only).
 from __future__ import annotations
 
 import numpy as np
+from msd_lora.errors import DatasetError
 
 # Appended to augmentation seeds so their stream never equals the permutation stream:
 # SeedSequence pads with zeros, so [seed, epoch] and [seed, epoch, 0] would give the same numbers.
@@ -31,7 +32,7 @@ class BatchOrder:
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         if drop_last and num_items < batch_size:
-            raise ValueError(
+            raise DatasetError(
                 f"the dataset has {num_items} items but the batch size is {batch_size}: with "
                 f"drop_last every batch must be full, so no batch could be formed; "
                 f"set train_batch_size to at most {num_items} or add more images"

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from msd_lora.data import transforms
+from msd_lora.errors import DatasetError
 
 CSV_NAME = "img_txt.csv"
 LAYOUT_HINT = (
@@ -21,9 +22,6 @@ LAYOUT_HINT = (
 )
 _WARN_EXAMPLES = 5
 
-
-class DatasetError(ValueError):
-    """The dataset folder, its csv or one of its images cannot be used as given."""
 
 
 class SkippedImagesWarning(UserWarning):

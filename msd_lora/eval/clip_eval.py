@@ -10,6 +10,7 @@ from msd_lora.eval.clip_model import DEFAULT_CLIP_MODEL
 from msd_lora.eval.clip_score import check_against_index, clip_scores, prompts_from_index, prompts_per_image
 from msd_lora.eval.fid import batches
 from msd_lora.eval.images import ConversionLog, find_images, read_rgb_batch, sample_folder
+from msd_lora.errors import ConfigError
 
 
 def text_length(tokenizer, config: dict) -> int:
@@ -30,7 +31,7 @@ class ClipScorer:
         from msd_lora.eval.report import loud_random_warning
 
         if batch_size < 1:
-            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+            raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
         self.backend, self.batch_size, self.progress = backend_name(backend), batch_size, progress
         files = load_clip_files(resolve_clip_folder(ckpt_path, model_name))
         self.model = {"folder": str(files.folder), "random_init": files.random_init}

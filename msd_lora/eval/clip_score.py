@@ -19,10 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.data.prompts import read_prompts_file
+from msd_lora.errors import PairingError
 
-
-class PairingError(ValueError):
-    """Images and prompts do not pair up; the message says how they differ."""
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

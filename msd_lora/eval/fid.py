@@ -12,6 +12,7 @@ from msd_lora.eval.frechet import Gaussian, feature_statistics
 from msd_lora.eval.images import ConversionLog, ImageSet, read_rgb_batch
 from msd_lora.eval.inception_arch import POOL3_FEATURES
 from msd_lora.eval.preprocess import inception_input
+from msd_lora.errors import ConfigError, ImageInputError, StatisticsError, WeightsError
 
 Network = Callable[[np.ndarray], np.ndarray]
 
@@ -43,9 +44,9 @@ def extract_features(images: ImageSet, network: Network, resize: str, batch_size
             bar.update(len(chunk))
     features = np.concatenate(chunks)
     if features.shape[1:] != (POOL3_FEATURES,):
-        raise ValueError(f"the feature network returned {features.shape[1:]}, expected ({POOL3_FEATURES},)")
+        raise WeightsError(f"the feature network returned {features.shape[1:]}, expected ({POOL3_FEATURES},)")
     if not np.isfinite(features).all():
-        raise ValueError(f"{images.root}: the Inception features are not finite; check the weights file")
+        raise WeightsError(f"{images.root}: the Inception features are not finite; check the weights file")
     notes = [n for n in (images.describe_skipped(), log.summary(images.root)) if n]
     return SetFeatures(features, notes)
 
@@ -64,7 +65,7 @@ def fid_image_set(folder, what: str) -> ImageSet:
 
     images = find_images(sample_folder(folder), what)
     if len(images) < 2:
-        raise ValueError(f"{what} {images.root}: FID needs at least 2 images (the covariance of 1 image is "
+        raise ImageInputError(f"{what} {images.root}: FID needs at least 2 images (the covariance of 1 image is "
                          f"undefined); found {len(images)}")
     return images
 
@@ -94,7 +95,7 @@ class FidEvaluator:
         from msd_lora.eval.weights import describe_weights, read_inception_weights, resolve_inception_weights
 
         if batch_size < 1:
-            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+            raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
         self.backend, self.resize, self.protocol = backend_name(backend), resize, get_protocol(resize)
         self.batch_size, self.progress = batch_size, progress
         path = resolve_inception_weights(weights)
@@ -121,7 +122,7 @@ class FidEvaluator:
             gaussian, info = load_statistics(real_stats)
             return gaussian, [f"real statistics from {real_stats}", *self.check_compatible(info, str(real_stats))]
         if not real_dir:
-            raise ValueError("give --real_dir DIR or --real_stats FILE.npz")
+            raise ConfigError("give --real_dir DIR or --real_stats FILE.npz")
         found = self.folder_features(real_dir, "--real_dir")
         gaussian = found.statistics(f"--real_dir {real_dir}")
         if save_stats:
@@ -132,10 +133,10 @@ class FidEvaluator:
         """Saved statistics must come from the same preprocessing and weights; a file that does not say which
         (pytorch-fid's own .npz) is accepted with a note."""
         if "resize" in info and info["resize"] != self.resize:
-            raise ValueError(f"{source} was computed with --resize {info['resize']}, this run uses {self.resize}: "
+            raise StatisticsError(f"{source} was computed with --resize {info['resize']}, this run uses {self.resize}: "
                              f"FIDs across preprocessing protocols are not comparable")
         if "weights_sha256" in info and info["weights_sha256"] != self.weights["sha256"]:
-            raise ValueError(f"{source} was computed with other Inception weights (sha256 {info['weights_sha256']}) "
+            raise StatisticsError(f"{source} was computed with other Inception weights (sha256 {info['weights_sha256']}) "
                              f"than {self.weights['file']} (sha256 {self.weights['sha256']}; a converted .safetensors "
                              f"copy counts as the .pth it was made from)")
         return [n for n in (unrecorded_note(info, source, self.resize),) if n]

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from msd_lora.errors import StatisticsError
 
-
-class StatisticsError(ValueError):
-    """Statistics cannot be computed or compared; the message says why."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from msd_lora.errors import ImageInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CONVERSIONS = {  # PIL mode -> what convert("RGB") does to it
@@ -32,9 +33,6 @@ CONVERSIONS = {  # PIL mode -> what convert("RGB") does to it
     "F": "float grayscale clipped to 8 bits by PIL, replicated",
 }
 
-
-class ImageInputError(ValueError):
-    """An image folder or file cannot be evaluated; the message says which and why."""
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+from msd_lora.errors import ConfigError
 
 BACKENDS = {"pt": "torch", "torch": "torch", "ms": "mindspore", "mindspore": "mindspore"}
 
@@ -11,7 +12,7 @@ BACKENDS = {"pt": "torch", "torch": "torch", "ms": "mindspore", "mindspore": "mi
 def backend_name(name: str) -> str:
     """'pt'/'torch' -> 'torch', 'ms'/'mindspore' -> 'mindspore'."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose pt (torch) or ms (mindspore)")
+        raise ConfigError(f"unknown backend {name!r}; choose pt (torch) or ms (mindspore)")
     return BACKENDS[name]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from msd_lora.errors import ConfigError
 
 INCEPTION_SIZE = 299
 
@@ -88,7 +89,7 @@ DEFAULT_RESIZE = "bilinear"
 
 def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown resize {name!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown resize {name!r}; choose one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from msd_lora.eval import inception_arch as arch
 from msd_lora.io_utils import read_safetensors
+from msd_lora.errors import WeightsError
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
@@ -35,9 +36,6 @@ RANDOM_INIT_KEY = "msd_lora_random_init"  # safetensors metadata of generated ra
 SOURCE_SHA256_KEY = "source_sha256"  # safetensors metadata of a converted copy: the original file's sha256
 GET_STANDARD = f"the standard file is {FID_WEIGHTS_NAME} from {FID_WEIGHTS_URL}"
 
-
-class WeightsError(FileNotFoundError):
-    """A weight file is missing or unreadable; the message names the file and what to do."""
 
 
 def downloads_allowed() -> bool:

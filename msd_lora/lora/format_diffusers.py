@@ -17,10 +17,8 @@ import numpy as np
 
 from msd_lora.lora.io import alphas_from_metadata
 from msd_lora.lora.keys import COMPONENTS, DOWN, UP, LoraLayer, LoraWeights, from_tensors, split_module_key
+from msd_lora.errors import LoraFormatError
 
-
-class LoraFormatError(ValueError):
-    """A LoRA file's keys are not in the format they appear to be, or cannot be represented."""
 
 
 def _component_of(module: str) -> str:
@@ -50,7 +48,7 @@ def read_canonical(tensors: dict[str, np.ndarray], metadata: dict[str, str], sou
     try:
         return from_tensors(renamed, declared or None)
     except KeyError as err:
-        raise LoraFormatError(f"{source}: {err.args[0]}") from None
+        raise LoraFormatError(f"{source}: {err.args[0]}") from err
 
 
 _OLD_UNET_PROC = re.compile(r"^(?:unet\.)?(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")

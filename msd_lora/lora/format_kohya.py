@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from msd_lora.lora.format_diffusers import LoraFormatError
+from msd_lora.errors import LoraFormatError
 from msd_lora.lora.io import most_common
 from msd_lora.lora.keys import LoraLayer, LoraWeights, split_module_key
 from msd_lora.lora.module_index import ModuleIndex, flat

@@ -16,11 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from msd_lora.lora import format_diffusers, format_kohya, format_mindone
-from msd_lora.lora.format_diffusers import LoraFormatError
+from msd_lora.errors import LoraFormatError
 from msd_lora.lora.io import FORMAT_VERSION, LoraFile, build_metadata
 from msd_lora.lora.keys import LoraWeights, to_tensors
 from msd_lora.lora.module_index import ModuleIndex
-from msd_lora.models.tensor_files import TensorFileError, read_tensor_file, write_tensor_file
+from msd_lora.models.tensor_files import read_tensor_file, write_tensor_file
+from msd_lora.errors import TensorFileError
 
 FORMATS = ("diffusers", "diffusers_old", "kohya", "mindone")
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -56,7 +57,7 @@ def read_lora(path: str | Path, index: ModuleIndex | None = None, fmt: str | Non
     try:
         file = read_tensor_file(path)
     except TensorFileError as err:
-        raise LoraFormatError(f"LoRA file {err}") from None
+        raise LoraFormatError(f"LoRA file {err}") from err
     keys = sorted(file.tensors)
     fmt = fmt or detect_format(keys)
     if fmt is None:

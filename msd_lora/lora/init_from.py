@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msd_lora.lora.format_diffusers import LoraFormatError
+from msd_lora.errors import LoraFormatError
 from msd_lora.lora.keys import LoraLayer, LoraWeights
 from msd_lora.lora.spec import LoraSpec
 

@@ -20,12 +20,10 @@ import numpy as np
 
 from msd_lora.io_utils import atomic_write, read_safetensors
 from msd_lora.lora.keys import LoraWeights, from_tensors, split_module_key, to_tensors
+from msd_lora.errors import LoraFormatError
 
 FORMAT_VERSION = "1"
 
-
-class LoraFileError(ValueError):
-    """A LoRA file is missing, unreadable, or not a LoRA."""
 
 
 @dataclass
@@ -136,12 +134,12 @@ def pattern_key(patterns, module: str) -> str | None:
 def load_lora(path: str | Path) -> LoraFile:
     """Read a canonical LoRA file; clear errors for missing, corrupt or non-LoRA files."""
     path = Path(path)
-    tensors, meta = read_safetensors(path, LoraFileError, "LoRA file")
+    tensors, meta = read_safetensors(path, LoraFormatError, "LoRA file")
     try:
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
         weights = from_tensors(tensors, alphas_from_metadata(meta, modules))
     except KeyError as err:
-        raise LoraFileError(f"{path} is not a canonical LoRA file: {err.args[0]}") from None
+        raise LoraFormatError(f"{path} is not a canonical LoRA file: {err.args[0]}") from err
     if not weights:
-        raise LoraFileError(f"{path} holds no LoRA tensors")
+        raise LoraFormatError(f"{path} holds no LoRA tensors")
     return LoraFile(weights=weights, metadata=meta)

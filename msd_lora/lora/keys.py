@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from msd_lora.errors import LoraMismatchError
 
 COMPONENTS = ("unet", "text_encoder")
 DOWN, UP = "lora_A.weight", "lora_B.weight"
@@ -86,14 +87,14 @@ def check_lora_fits(weights: LoraWeights, model: LoraWeights) -> None:
     """Raise ValueError naming the layers, shapes or alphas where `weights` differ from a model's live LoRA."""
     extra, missing = sorted(set(weights) - set(model)), sorted(set(model) - set(weights))
     if extra or missing:
-        raise ValueError(f"LoRA layers differ from the model's: {len(missing)} missing (e.g. {missing[:2]}), "
+        raise LoraMismatchError(f"LoRA layers differ from the model's: {len(missing)} missing (e.g. {missing[:2]}), "
                          f"{len(extra)} unexpected (e.g. {extra[:2]}): trained with other lora targets?")
     for key, layer in weights.items():
         mine = model[key]
         for part, given, expected in ((DOWN, layer.down, mine.down), (UP, layer.up, mine.up)):
             if tuple(given.shape) != tuple(expected.shape):
-                raise ValueError(f"{key}.{part}: shape {tuple(given.shape)} does not fit the model's "
+                raise LoraMismatchError(f"{key}.{part}: shape {tuple(given.shape)} does not fit the model's "
                                  f"{tuple(expected.shape)} (rank {layer.rank} here, lora_rank {mine.rank} there)")
         if not math.isclose(layer.alpha, mine.alpha, rel_tol=1e-6):
-            raise ValueError(f"{key}: alpha {layer.alpha:g} differs from the model's lora_alpha {mine.alpha:g}, which "
+            raise LoraMismatchError(f"{key}: alpha {layer.alpha:g} differs from the model's lora_alpha {mine.alpha:g}, which "
                              f"would rescale the update by {mine.alpha / layer.alpha:g}: set lora_alpha: {layer.alpha:g}")

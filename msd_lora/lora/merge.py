@@ -12,10 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from msd_lora.lora.keys import LoraLayer, LoraWeights, base_weight_name, split_module_key
+from msd_lora.errors import LoraMismatchError
 
-
-class LoraMismatchError(ValueError):
-    """A LoRA names layers the model lacks, or its shapes don't fit the model's."""
 
 
 def update_shape(layer: LoraLayer) -> tuple[int, ...]:

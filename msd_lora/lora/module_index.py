@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from msd_lora.models import mindone
-from msd_lora.models.layout import UnsupportedArchitectureError, text_encoder_names, unet_names
+from msd_lora.models.layout import text_encoder_names, unet_names
+from msd_lora.errors import UnsupportedArchitectureError
 
 SD_TEXT_LAYERS = 23  # covers SD1's 12 and SD2's 23 layers
 

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from msd_lora.lora.keys import COMPONENTS, LoraLayer, LoraWeights, module_key
+from msd_lora.errors import LoraSpecError
 
-
-class LoraSpecError(ValueError):
-    """The LoRA settings don't fit the model (no matching layer, rank too large, ...)."""
 
 
 @dataclass(frozen=True)

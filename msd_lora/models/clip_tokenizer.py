@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from msd_lora.models.tiny_tokenizer import BOS, END_OF_WORD, EOS, bytes_to_unicode
+from msd_lora.errors import UnwritablePathError
 
 BPE_FILE = Path(__file__).resolve().parents[1] / "assets/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # what CLIP uses of the file
@@ -73,5 +74,5 @@ def tokenizer_folder(pad_token: str = EOS, model_max_length: int = 77) -> Path:
                 return target
         except OSError:
             continue
-    raise OSError(f"cannot write the CLIP tokenizer files under {cache_root()} or the temp folder; "
+    raise UnwritablePathError(f"cannot write the CLIP tokenizer files under {cache_root()} or the temp folder; "
                   f"set MSD_LORA_CACHE to a writable folder")

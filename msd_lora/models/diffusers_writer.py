@@ -16,6 +16,7 @@ from msd_lora.io_utils import atomic_write_text
 from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import PretrainedModel
 from msd_lora.models.safetensors_file import write_safetensors
+from msd_lora.errors import OutputFolderError
 
 DIFFUSERS_VERSION = "0.39.0"  # the version these configs were checked against
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -31,9 +32,6 @@ def scheduler_config(cfg: ModelConfig) -> dict:
             "prediction_type": cfg.prediction_type, "set_alpha_to_one": False, "skip_prk_steps": True,
             "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading"}
 
-
-class OutputFolderError(ValueError):
-    """The output folder holds something other than a diffusers model: it is not overwritten."""
 
 
 def write_diffusers_folder(model: PretrainedModel, cfg: ModelConfig, folder: str | Path,

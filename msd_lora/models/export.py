@@ -7,6 +7,7 @@ from msd_lora.models.diffusers_writer import write_diffusers_folder
 from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import PretrainedModel
 from msd_lora.models.single_file import write_single_file
+from msd_lora.errors import OutputFolderError
 
 MODEL_FORMATS = ("diffusers", "ldm", "mindone")
 DTYPES = {"fp16": "float16", "fp32": "float32", "float16": "float16", "float32": "float32", None: None}
@@ -21,6 +22,6 @@ def save_model(model: PretrainedModel, cfg: ModelConfig, out: str | Path, fmt: s
     out = Path(out)
     if fmt == "diffusers":
         if out.exists() and not out.is_dir():
-            raise ValueError(f"{out} is a file; a diffusers model is a folder")
+            raise OutputFolderError(f"{out} is a file; a diffusers model is a folder")
         return write_diffusers_folder(model, cfg, out, DTYPES[dtype])
     return write_single_file(model, out, fmt, cfg.text_encoder_layout, DTYPES[dtype])

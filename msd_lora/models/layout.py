@@ -11,6 +11,7 @@ dict keys. Only the SD 1.x / 2.x structure is described; anything else is refuse
 from __future__ import annotations
 
 from typing import Any
+from msd_lora.errors import UnsupportedArchitectureError
 
 Pairs = list[tuple[str, str]]
 
@@ -23,9 +24,6 @@ UNSUPPORTED_UNET_KEYS = {  # config key -> value every SD 1.x/2.x UNet has
     "class_embeddings_concat": False, "projection_class_embeddings_input_dim": None,
 }
 
-
-class UnsupportedArchitectureError(ValueError):
-    """The network is not a Stable Diffusion 1.x / 2.x one."""
 
 
 def _wb(d: str, l: str) -> Pairs:

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from msd_lora.models.layout import UnsupportedArchitectureError, is_vae_attention_weight, text_encoder_names
+from msd_lora.models.layout import is_vae_attention_weight, text_encoder_names
+from msd_lora.errors import UnsupportedArchitectureError
 from msd_lora.models.layout import unet_names, vae_names
+from msd_lora.errors import StateDictError
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 CLIP_PREFIX, OPENCLIP_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -24,9 +26,6 @@ IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "betas", "alphas_cu
                     "cond_stage_model.transformer.text_model.embeddings.position_ids",
                     "cond_stage_model.transformer.embeddings.position_ids", "cond_stage_model.model.attn_mask")
 
-
-class LdmCheckpointError(ValueError):
-    """An LDM single file does not hold the networks the config describes."""
 
 
 @dataclass
@@ -58,7 +57,7 @@ def qkv_names(i: int, kind: str) -> list[str]:
 
 def split_qkv(fused: np.ndarray) -> list[np.ndarray]:
     if fused.shape[0] % 3:
-        raise LdmCheckpointError(f"a fused q/k/v projection has {fused.shape[0]} rows, not a multiple of 3")
+        raise StateDictError(f"a fused q/k/v projection has {fused.shape[0]} rows, not a multiple of 3")
     return list(np.split(fused, 3, axis=0))
 
 
@@ -173,7 +172,7 @@ def from_ldm(tensors: dict[str, np.ndarray], configs: dict[str, dict], text_layo
     if unexpected:
         problems.append(f"{len(unexpected)} weights the architecture does not have, e.g. {', '.join(unexpected[:3])}")
     if problems:
-        raise LdmCheckpointError(f"{source} does not match the {architecture} architecture:\n  "
+        raise StateDictError(f"{source} does not match the {architecture} architecture:\n  "
                                  + "\n  ".join(problems) + "\n  Likely cause: a different model family (SDXL, "
                                  "inpainting, ControlNet, ...) or the wrong model_config for this file.")
     return Converted(state=state, extras=extras, ignored=ignored)

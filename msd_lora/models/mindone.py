@@ -14,7 +14,8 @@ import re
 import numpy as np
 
 from msd_lora.models.layout import is_vae_attention_weight, unet_names, vae_names
-from msd_lora.models.ldm import IGNORED_PREFIXES, UNET, VAE, Converted, LdmCheckpointError, qkv_names, split_qkv
+from msd_lora.models.ldm import IGNORED_PREFIXES, UNET, VAE, Converted, qkv_names, split_qkv
+from msd_lora.errors import StateDictError
 
 TEXT = "cond_stage_model.transformer."
 STYLES = ("gamma", "weight")  # how UNet / text norms name their parameters
@@ -121,6 +122,6 @@ def from_mindone(tensors: dict[str, np.ndarray], configs: dict[str, dict], sourc
         if unexpected:
             lines.append(f"  {len(unexpected)} weights the architecture does not have, e.g. {', '.join(unexpected[:3])}")
         lines.append("  Likely cause: another SD version than the model_config says, or not a mindone SD checkpoint.")
-        raise LdmCheckpointError("\n".join(lines))
+        raise StateDictError("\n".join(lines))
     ignored = [k for k in tensors if k not in used]
     return Converted(state=state, ignored=ignored)

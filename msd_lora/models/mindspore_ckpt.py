@@ -18,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 
 from msd_lora.io_utils import atomic_path
+from msd_lora.errors import MindSporeCkptError
 
 NUMPY_TYPES = {"Int8": np.int8, "UInt8": np.uint8, "Int16": np.int16, "UInt16": np.uint16, "Int32": np.int32,
                "UInt32": np.uint32, "Int64": np.int64, "UInt64": np.uint64, "Float16": np.float16,
@@ -26,9 +27,6 @@ TYPE_NAMES = {np.dtype(v): k for k, v in NUMPY_TYPES.items()}
 SLICE_BYTES = 512 * 1024 * 1024  # MindSpore splits larger parameters into values of at most this size
 CRC_TRAILER = b"crc_num"
 
-
-class MindSporeCkptError(ValueError):
-    """The file is not a readable MindSpore checkpoint."""
 
 
 def _varint(buf, pos: int, end: int) -> tuple[int, int]:
@@ -117,7 +115,7 @@ def read_mindspore_ckpt(path: str | Path) -> dict[str, np.ndarray]:
         entries = _scan(buf, len(buf))
     except (IndexError, ValueError, UnicodeDecodeError) as err:
         raise MindSporeCkptError(f"{path} is not a readable MindSpore checkpoint ({err}); it may be truncated, "
-                                 f"encrypted or in another format") from None
+                                 f"encrypted or in another format") from err
     parts: dict[str, list] = {}
     for tag, dims, type_name, (offset, length) in entries:
         parts.setdefault(tag, []).append((dims, type_name, offset, length))

@@ -9,12 +9,10 @@ from typing import Any
 import yaml
 
 from msd_lora.diffusion.schedule import NoiseSchedule
+from msd_lora.errors import ModelError
 
 REQUIRED = ("name", "image_size", "prediction_type", "schedule")
 
-
-class ModelConfigError(ValueError):
-    """A model yaml is missing or malformed."""
 
 
 @dataclass(frozen=True)
@@ -37,16 +35,16 @@ def load_model_config(path: str | Path) -> ModelConfig:
     if not path.is_file():
         available = ", ".join(sorted(p.name for p in path.parent.glob("*.yaml"))) if path.parent.is_dir() else ""
         hint = f" (available in {path.parent}: {available})" if available else ""
-        raise ModelConfigError(f"model_config {path} does not exist{hint}")
+        raise ModelError(f"model_config {path} does not exist{hint}")
     raw = yaml.safe_load(path.read_text()) or {}
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
-        raise ModelConfigError(f"{path}: missing keys {missing}; see configs/model/tiny.yaml for the layout")
+        raise ModelError(f"{path}: missing keys {missing}; see configs/model/tiny.yaml for the layout")
     if raw["prediction_type"] not in ("epsilon", "v_prediction"):
-        raise ModelConfigError(f"{path}: prediction_type must be 'epsilon' or 'v_prediction', "
+        raise ModelError(f"{path}: prediction_type must be 'epsilon' or 'v_prediction', "
                                f"got {raw['prediction_type']!r}")
     if raw.get("text_encoder_layout", "clip") not in ("clip", "open_clip"):
-        raise ModelConfigError(f"{path}: text_encoder_layout must be 'clip' or 'open_clip', "
+        raise ModelError(f"{path}: text_encoder_layout must be 'clip' or 'open_clip', "
                                f"got {raw['text_encoder_layout']!r}")
     arch = {k: raw[k] for k in ("unet", "vae", "text_encoder", "tokenizer") if k in raw}
     return ModelConfig(name=raw["name"], image_size=int(raw["image_size"]), prediction_type=raw["prediction_type"],
@@ -65,7 +63,7 @@ def model_config_from_folder(folder: str | Path, configs: dict[str, dict]) -> Mo
     factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     prediction = scheduler.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
-        raise ModelConfigError(f"{path}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+        raise ModelError(f"{path}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
     return ModelConfig(name=folder.name, image_size=int(configs["unet"]["sample_size"]) * factor,
                        prediction_type=prediction, schedule=schedule, architecture=dict(configs),
                        path=str(path), version="")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from msd_lora.errors import ModelError
 
 if TYPE_CHECKING:
     from msd_lora.models.model_config import ModelConfig
@@ -25,22 +26,19 @@ if TYPE_CHECKING:
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
-class PretrainedModelError(ValueError):
-    """The pretrained model path is missing or not a Stable Diffusion folder."""
-
 
 def check_model_folder(path: str | Path) -> Path:
     """Return the folder if it has the diffusers SD layout, else raise with what is missing."""
     path = Path(path)
     if not str(path) or not path.exists():
-        raise PretrainedModelError(f"pretrained_model_path '{path}' does not exist; give a diffusers folder "
+        raise ModelError(f"pretrained_model_path '{path}' does not exist; give a diffusers folder "
                                    f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/) or a single-file "
                                    f"checkpoint (.safetensors / .ckpt)")
     if not path.is_dir():
-        raise PretrainedModelError(f"pretrained_model_path '{path}' is a file, not a diffusers folder")
+        raise ModelError(f"pretrained_model_path '{path}' is a file, not a diffusers folder")
     missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
     if missing:
-        raise PretrainedModelError(f"pretrained_model_path '{path}' is not a diffusers Stable Diffusion folder: "
+        raise ModelError(f"pretrained_model_path '{path}' is not a diffusers Stable Diffusion folder: "
                                    f"missing {', '.join(s + '/' for s in missing)}")
     return path
 
@@ -67,7 +65,7 @@ class PretrainedModel:
 def _read_config(folder: Path, network: str) -> dict:
     path = folder / network / "config.json"
     if not path.is_file():
-        raise PretrainedModelError(f"{path} is missing: every network folder of a diffusers model has a config.json")
+        raise ModelError(f"{path} is missing: every network folder of a diffusers model has a config.json")
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
@@ -149,17 +147,14 @@ def component_weight_files(folder: str | Path, component: str) -> list[Path]:
     pickles = sorted(p.name for p in sub.glob("*.bin"))
     hint = (f" It holds {', '.join(pickles)}: pickled weights are not loaded (they can run code); convert them to "
             f"safetensors with a tool you trust." if pickles else "")
-    raise PretrainedModelError(f"{sub}: no {stem}.safetensors found.{hint}")
+    raise ModelError(f"{sub}: no {stem}.safetensors found.{hint}")
 
 
 def read_component_state(folder: str | Path, component: str) -> dict[str, np.ndarray]:
     """A component's weights as diffusers/transformers-named numpy arrays (memory-mapped; fp16 files stay fp16)."""
-    from msd_lora.models.safetensors_file import SafetensorsError, read_safetensors_lazy
+    from msd_lora.models.safetensors_file import read_safetensors_lazy
 
     state: dict[str, np.ndarray] = {}
     for path in component_weight_files(folder, component):
-        try:
-            state.update(read_safetensors_lazy(path)[0])
-        except SafetensorsError as err:
-            raise PretrainedModelError(str(err)) from None
+        state.update(read_safetensors_lazy(path)[0])
     return state

@@ -16,15 +16,13 @@ import numpy as np
 
 from msd_lora.io_utils import atomic_path
 from msd_lora.models.bfloat16 import bfloat16_to_float32
+from msd_lora.errors import SafetensorsError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items() if k != "BF16"}
 MAX_HEADER = 100 * 1024 * 1024
 
-
-class SafetensorsError(ValueError):
-    """The file is not a complete, readable safetensors file."""
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -40,7 +38,7 @@ def read_header(path: Path) -> tuple[int, dict]:
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SafetensorsError(f"{path}: the safetensors header is not valid JSON ({err})") from None
+            raise SafetensorsError(f"{path}: the safetensors header is not valid JSON ({err})") from err
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: the safetensors header is not a JSON object")
     return 8 + length, header

@@ -14,9 +14,10 @@ import numpy as np
 
 from msd_lora.models import ldm, mindone
 from msd_lora.models.clip_tokenizer import tokenizer_folder
-from msd_lora.models.layout import UnsupportedArchitectureError
+from msd_lora.errors import OutputFolderError, UnsupportedArchitectureError
 from msd_lora.models.model_config import ModelConfig
-from msd_lora.models.pretrained import NETWORKS, PretrainedModel, PretrainedModelError
+from msd_lora.models.pretrained import NETWORKS, PretrainedModel
+from msd_lora.errors import ModelError
 from msd_lora.models.tensor_files import read_tensor_file, write_tensor_file
 from msd_lora.models.versions import detect_version, mismatches, signature_of
 
@@ -26,7 +27,7 @@ LAYOUTS = ("ldm", "mindone")
 def network_configs(cfg: ModelConfig) -> dict[str, dict]:
     missing = [n for n in NETWORKS if n not in cfg.architecture]
     if missing:
-        raise PretrainedModelError(f"model_config {cfg.path} has no {', '.join(missing)} section; single-file "
+        raise ModelError(f"model_config {cfg.path} has no {', '.join(missing)} section; single-file "
                                    f"checkpoints take their architecture from it (see configs/model/v1-inference.yaml)")
     return {n: dict(cfg.architecture[n]) for n in NETWORKS}
 
@@ -93,10 +94,10 @@ def write_single_file(model: PretrainedModel, path: str | Path, layout: str, tex
     """Write an LDM (.safetensors) or mindone (.ckpt, MindSpore protobuf) single file, atomically."""
     path = Path(path)
     if layout == "ldm" and path.suffix != ".safetensors":
-        raise ValueError(f"{path}: LDM single files are written as .safetensors (pickled .ckpt files are not "
+        raise OutputFolderError(f"{path}: LDM single files are written as .safetensors (pickled .ckpt files are not "
                          f"written: they can carry code, and every tool that reads .ckpt reads .safetensors)")
     if layout == "mindone" and path.suffix != ".ckpt":
-        raise ValueError(f"{path}: mindone checkpoints are MindSpore .ckpt files; name the output *.ckpt")
+        raise OutputFolderError(f"{path}: mindone checkpoints are MindSpore .ckpt files; name the output *.ckpt")
     tensors = single_file_tensors(model, layout, text_layout)
     metadata = {"format": "pt", "msd_lora.layout": layout, "msd_lora.version": model.metadata.get("version", "")}
     return write_tensor_file(path, tensors, metadata, container="mindspore" if layout == "mindone" else "safetensors",

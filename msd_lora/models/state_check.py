@@ -4,10 +4,8 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
+from msd_lora.errors import StateDictError
 
-
-class StateDictError(ValueError):
-    """A state dict does not fit the network: names or shapes differ."""
 
 
 def check_state_fits(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], source: str,

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.models import mindspore_ckpt, safetensors_file, torch_pickle
+from msd_lora.errors import TensorFileError
 
-
-class TensorFileError(ValueError):
-    """A weights file is missing, unreadable, truncated, unsafe, or in an unknown container."""
 
 
 @dataclass

@@ -20,14 +20,9 @@ from typing import Any
 import numpy as np
 
 from msd_lora.models.bfloat16 import bfloat16_to_float32
+from msd_lora.errors import TorchFileError, UnsafePickleError
 
 
-class UnsafePickleError(ValueError):
-    """The pickle asks for a global outside the allow-list: loading it could run arbitrary code."""
-
-
-class TorchFileError(ValueError):
-    """The file is not a readable torch zip checkpoint."""
 
 
 STORAGE_DTYPES = {
@@ -188,7 +183,7 @@ def read_torch_zip(path: str | Path) -> Any:
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as err:
-        raise TorchFileError(f"{path}: not a readable torch zip checkpoint ({err}); it may be truncated") from None
+        raise TorchFileError(f"{path}: not a readable torch zip checkpoint ({err}); it may be truncated") from err
     with archive:
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
         if len(pickles) != 1:
@@ -200,7 +195,7 @@ def read_torch_zip(path: str | Path) -> Any:
         except UnsafePickleError:
             raise
         except TorchFileError as err:  # raised by the checks above, which do not know the file's name
-            raise TorchFileError(f"{path}: {err}") from None
+            raise TorchFileError(f"{path}: {err}") from err
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AttributeError,
                 OverflowError, zipfile.BadZipFile) as err:
             raise TorchFileError(f"{path}: the pickle inside is corrupt or crafted ({type(err).__name__}: {err})") \

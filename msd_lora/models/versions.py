@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msd_lora.models.layout import UnsupportedArchitectureError
+from msd_lora.errors import UnsupportedArchitectureError
 from msd_lora.models.model_config import ModelConfig, load_model_config
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 
 from msd_lora.eval.clip_eval import ClipScorer  # noqa: E402
 from msd_lora.eval.clip_model import load_clip_files, resolve_clip_folder  # noqa: E402
-from msd_lora.eval.clip_score import PairingError  # noqa: E402
-from msd_lora.eval.weights import WeightsError  # noqa: E402
+from msd_lora.errors import PairingError  # noqa: E402
+from msd_lora.errors import WeightsError  # noqa: E402
 from tests.eval.conftest import write_images  # noqa: E402
 
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])

@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 
 from msd_lora.backends.torch.inception import FidInceptionV3, TorchInceptionFeatures  # noqa: E402
 from msd_lora.eval import inception_arch as arch  # noqa: E402
-from msd_lora.eval.weights import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, WeightsError,  # noqa: E402
-                                   read_inception_weights, resolve_inception_weights)
-from msd_lora.models.state_check import StateDictError  # noqa: E402
+from msd_lora.eval.weights import FID_WEIGHTS_NAME, FID_WEIGHTS_URL, read_inception_weights, resolve_inception_weights  # noqa: E402
+from msd_lora.errors import WeightsError  # noqa: E402
+from msd_lora.errors import StateDictError  # noqa: E402
 
 
 def test_architecture_description_is_the_weight_files_layout():

@@ -13,7 +13,7 @@ from msd_lora.eval import inception_arch as arch  # noqa: E402
 from msd_lora.eval.images import find_images, read_rgb  # noqa: E402
 from msd_lora.eval.preprocess import inception_input  # noqa: E402
 from msd_lora.eval.weights import read_inception_weights  # noqa: E402
-from msd_lora.models.state_check import StateDictError  # noqa: E402
+from msd_lora.errors import StateDictError  # noqa: E402
 
 RTOL = 1e-4  # a whole network in float32
 

@@ -18,9 +18,10 @@ from msd_lora.backends.mindspore.lora import LoraLinear, inject  # noqa: E402
 from msd_lora.backends.mindspore.optim import FlatAdamW  # noqa: E402
 from msd_lora.backends.mindspore.step import FlatLayout  # noqa: E402
 from msd_lora.lora.keys import LoraLayer  # noqa: E402
-from msd_lora.lora.spec import LoraSpec, LoraSpecError, init_lora_weights, select_targets  # noqa: E402
+from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets  # noqa: E402
+from msd_lora.errors import LoraSpecError  # noqa: E402
 from msd_lora.models.pretrained import load_pretrained  # noqa: E402
-from msd_lora.models.state_check import StateDictError  # noqa: E402
+from msd_lora.errors import StateDictError  # noqa: E402
 
 
 def randn(*shape: int, seed: int = 0) -> np.ndarray:

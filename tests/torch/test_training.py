@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from msd_lora.config import load_train_config
-from msd_lora.data.dataset import DatasetError
+from msd_lora.errors import DatasetError
 from msd_lora.data.synthetic import style_distance
 from msd_lora.lora.io import load_lora, save_lora
-from msd_lora.lora.spec import LoraSpecError
+from msd_lora.errors import LoraSpecError
 from msd_lora.models.pretrained import load_pretrained
 from msd_lora.train import Trainer
 from tests.conftest import REPO, tiny_args
@@ -115,7 +115,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_lora(tmp_path):
 ])
 def test_resume_with_other_lora_settings_is_refused(tmp_path, changed, message):
     """Resuming under another alpha would silently rescale the learned update; another rank cannot fit."""
-    from msd_lora.checkpoint import ResumeError
+    from msd_lora.errors import ResumeError
 
     args = ("--max_train_steps", "2", "--ckpt_save_interval", "1", "--step_mode", "True", "--lora_rank", "4",
             "--lora_alpha", "4")
@@ -196,7 +196,7 @@ def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
 def test_lora_for_another_model_names_keys_and_shapes(tmp_path, tiny_model):
     from msd_lora.backends.torch.backend import TorchBackend
     from msd_lora.lora.keys import LoraLayer
-    from msd_lora.lora.merge import LoraMismatchError
+    from msd_lora.errors import LoraMismatchError
     from msd_lora.sample import merge_loras
 
     backend = TorchBackend(device="cpu")

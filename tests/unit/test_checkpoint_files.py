@@ -10,13 +10,17 @@ import pytest
 import yaml
 
 from msd_lora.models import mindspore_ckpt
-from msd_lora.models.layout import UnsupportedArchitectureError, unet_names
-from msd_lora.models.ldm import LdmCheckpointError
+from msd_lora.models.layout import unet_names
+from msd_lora.errors import UnsupportedArchitectureError
+from msd_lora.errors import StateDictError
 from msd_lora.models.mindone import text_pairs, unet_name
-from msd_lora.models.pretrained import PretrainedModelError, load_model
-from msd_lora.models.safetensors_file import SafetensorsError, read_safetensors_lazy, write_safetensors
+from msd_lora.models.pretrained import load_model
+from msd_lora.errors import ModelError
+from msd_lora.models.safetensors_file import read_safetensors_lazy, write_safetensors
+from msd_lora.errors import SafetensorsError
 from msd_lora.models.single_file import write_single_file
-from msd_lora.models.tensor_files import TensorFileError, read_tensor_file
+from msd_lora.models.tensor_files import read_tensor_file
+from msd_lora.errors import TensorFileError
 from msd_lora.models.versions import detect_version, shipped_config
 
 
@@ -133,7 +137,8 @@ def test_pickles_with_code_are_refused_without_running_it(tmp_path):
                                                 (0, (-1, 4), (4, 1)), (13, (), ())])
 def test_tensor_views_outside_their_storage_are_refused(offset, size, stride):
     """A crafted checkpoint could ask for a view past its bytes (as_strided does not check): refused, not read."""
-    from msd_lora.models.torch_pickle import TorchFileError, _rebuild_tensor, _Storage
+    from msd_lora.models.torch_pickle import _rebuild_tensor, _Storage
+    from msd_lora.errors import TorchFileError
 
     storage = _Storage(np.arange(12, dtype=np.float32))
     with pytest.raises(TorchFileError, match="does not fit its storage"):
@@ -328,7 +333,7 @@ def test_ldm_file_of_another_architecture_is_refused(tiny_model, tiny_yaml, tmp_
     tensors = dict(read(path).tensors)
     tensors["model.diffusion_model.label_emb.0.0.weight"] = np.zeros((4, 4), np.float32)  # a class-conditional UNet
     write_safetensors(tmp_path / "extra.safetensors", tensors)
-    with pytest.raises(LdmCheckpointError, match=r"(?s)1 weights the architecture does not have.*label_emb"):
+    with pytest.raises(StateDictError, match=r"(?s)1 weights the architecture does not have.*label_emb"):
         load_model(tmp_path / "extra.safetensors", tiny_yaml)
 
 
@@ -339,7 +344,7 @@ def test_truncated_diffusers_component_is_named(tiny_model, tmp_path):
     shutil.copytree(tiny_model, folder)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(PretrainedModelError, match=r"diffusion_pytorch_model\.safetensors is truncated"):
+    with pytest.raises(TensorFileError, match=r"diffusion_pytorch_model\.safetensors is truncated"):
         load_model(folder)
 
 
@@ -391,7 +396,8 @@ def test_diffusers_folder_is_replaced_whole_and_atomically(tiny_model, tmp_path,
 
 
 def test_a_folder_that_is_not_a_diffusers_model_is_not_overwritten(tiny_model, tmp_path):
-    from msd_lora.models.diffusers_writer import OutputFolderError, write_diffusers_folder
+    from msd_lora.models.diffusers_writer import write_diffusers_folder
+    from msd_lora.errors import OutputFolderError
 
     model, cfg = load_model(tiny_model)
     (tmp_path / "photos").mkdir()

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msd_lora.config import OPTIONS, REPO_ROOT, ConfigError, load_train_config, write_config
+from msd_lora.config import OPTIONS, REPO_ROOT, load_train_config, write_config
+from msd_lora.errors import ConfigError
 
 
 def write_yaml(path: Path, values: dict) -> Path:

@@ -12,7 +12,8 @@ from PIL import Image
 
 from msd_lora.data import transforms
 from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
-from msd_lora.data.dataset import CaptionedImageDataset, DatasetError, SkippedImagesWarning
+from msd_lora.data.dataset import CaptionedImageDataset, SkippedImagesWarning
+from msd_lora.errors import DatasetError
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 

@@ -3,10 +3,13 @@ import json
 import numpy as np
 import pytest
 
-from msd_lora.lora.io import LoraFileError, load_lora, save_lora
+from msd_lora.lora.io import load_lora, save_lora
+from msd_lora.errors import LoraFormatError
 from msd_lora.lora.keys import LoraLayer, from_tensors, to_tensors
-from msd_lora.lora.merge import LoraMismatchError, check_fits, delta, merged_weights
-from msd_lora.lora.spec import LoraSpec, LoraSpecError, init_lora_weights, matches, select_targets
+from msd_lora.lora.merge import check_fits, delta, merged_weights
+from msd_lora.errors import LoraMismatchError
+from msd_lora.lora.spec import LoraSpec, init_lora_weights, matches, select_targets
+from msd_lora.errors import LoraSpecError
 
 SHAPES = {"unet": {"down.0.attn1.to_q": (64, 32), "down.0.attn1.to_out.0": (64, 64), "down.0.ff.net.2": (32, 128)},
           "text_encoder": {"layers.0.self_attn.q_proj": (32, 32)}}
@@ -107,16 +110,16 @@ def test_tensor_keys_are_diffusers_peft_names():
 def test_corrupt_files_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
-    with pytest.raises(LoraFileError, match=message):
+    with pytest.raises(LoraFormatError, match=message):
         load_lora(path)
 
 
 def test_truncated_file_and_missing_file(tmp_path):
     path = save_lora(tmp_path / "l.safetensors", random_lora(np.random.default_rng(0)))
     path.write_bytes(path.read_bytes()[:-50])
-    with pytest.raises(LoraFileError, match="truncated"):
+    with pytest.raises(LoraFormatError, match="truncated"):
         load_lora(path)
-    with pytest.raises(LoraFileError, match="does not exist"):
+    with pytest.raises(LoraFormatError, match="does not exist"):
         load_lora(tmp_path / "nope.safetensors")
 
 
@@ -124,7 +127,7 @@ def test_non_lora_safetensors_is_rejected(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"conv.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(LoraFileError, match="not a canonical LoRA file"):
+    with pytest.raises(LoraFormatError, match="not a canonical LoRA file"):
         load_lora(tmp_path / "model.safetensors")
 
 

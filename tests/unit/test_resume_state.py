@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from msd_lora.checkpoint import ResumeError, check_training_state
+from msd_lora.checkpoint import check_training_state
+from msd_lora.errors import ResumeError
 
 SHAPES = {"unet.a.lora_A.weight": (2, 3), "unet.a.lora_B.weight": (3, 2)}
 

@@ -59,7 +59,8 @@ def test_unwritable_output_path_is_named(tmp_path):
 def test_resume_file_errors(tmp_path):
     import numpy as np
 
-    from msd_lora.checkpoint import ResumeError, ResumeState, load_resume, save_resume
+    from msd_lora.checkpoint import ResumeState, load_resume, save_resume
+    from msd_lora.errors import ResumeError
     from msd_lora.lora.io import save_lora
     from msd_lora.lora.keys import LoraLayer
 

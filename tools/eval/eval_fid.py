@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
 from msd_lora.eval.preprocess import DEFAULT_RESIZE, PROTOCOLS  # noqa: E402
 from tools.eval._common import add_backend_args, check_statistics_args, print_notes, write_json  # noqa: E402
+from msd_lora.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +45,10 @@ def run(args: argparse.Namespace) -> dict:
     from msd_lora.eval.fid import FidEvaluator, fid_image_set
 
     if args.real_stats and args.save_stats:
-        raise ValueError("--save_stats saves statistics computed from --real_dir; it cannot be used with "
+        raise ConfigError("--save_stats saves statistics computed from --real_dir; it cannot be used with "
                          "--real_stats")
     if bool(args.real_dir) == bool(args.real_stats):
-        raise ValueError("give --real_dir DIR or --real_stats FILE.npz (one of them)")
+        raise ConfigError("give --real_dir DIR or --real_stats FILE.npz (one of them)")
     check_statistics_args(args.real_stats, args.save_stats)  # bad input fails before the network loads
     for folder, what in ((args.real_dir, "--real_dir"), (args.gen_dir, "--gen_dir")):
         if folder:

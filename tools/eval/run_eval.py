@@ -23,6 +23,7 @@ from msd_lora.eval.preprocess import DEFAULT_RESIZE, PROTOCOLS  # noqa: E402
 from msd_lora.eval.weights import FID_WEIGHTS_NAME  # noqa: E402
 from tools.eval._common import (add_backend_args, check_statistics_args, print_notes, write_json,  # noqa: E402
                                 write_jsonl)
+from msd_lora.errors import ConfigError, MissingPathError  # noqa: E402
 
 CONDITIONS = (("base", "no LoRA"), ("lora", "LoRA"))
 
@@ -102,9 +103,9 @@ def run(args: argparse.Namespace) -> dict:
     from msd_lora.eval.report import bar_chart, markdown_table
 
     if not Path(args.lora_ckpt_path).is_file():
-        raise FileNotFoundError(f"--lora_ckpt_path {args.lora_ckpt_path} not found")
+        raise MissingPathError(f"--lora_ckpt_path {args.lora_ckpt_path} not found")
     if bool(args.real_dir) == bool(args.real_stats):
-        raise ValueError("give --real_dir DIR or --real_stats FILE.npz (one of them)")
+        raise ConfigError("give --real_dir DIR or --real_stats FILE.npz (one of them)")
     check_statistics_args(args.real_stats)
     cfg = load_train_config(["--train_config", args.config])
     base = Path(args.pretrained_model_path or cfg.pretrained_model_path)

@@ -46,6 +46,7 @@ from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeLatents, FlatL
 from msd_lora.lora.keys import LoraWeights, to_tensors  # noqa: E402
 from msd_lora.lora.spec import LoraSpec  # noqa: E402
 from msd_lora.models.pretrained import PretrainedModel  # noqa: E402
+from msd_lora.errors import ConfigError
 
 DEVICE_TARGETS = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend"}
 
@@ -54,7 +55,7 @@ def configure_context(mode: int, device: str) -> str:
     """Set the execution mode and device target once per process; substitute missing CPU kernels."""
     if device != "auto":
         if device.lower() not in DEVICE_TARGETS:
-            raise ValueError(f"device '{device}' is not a MindSpore target; use auto, cpu, gpu or ascend")
+            raise ConfigError(f"device '{device}' is not a MindSpore target; use auto, cpu, gpu or ascend")
         target = DEVICE_TARGETS[device.lower()]
         if target != ms.get_context("device_target"):  # MindSpore takes the device once, before it first runs
             ms.set_device(target)
@@ -100,7 +101,7 @@ class MindSporeBackend(Backend):
             warnings.warn(f"mixed_precision '{mixed_precision}' is torch autocast and does nothing on MindSpore: "
                           "use lora_fp16: True for float16 LoRA compute", UserWarning, stacklevel=2)
         if enable_flash_attention and self.device_target != "Ascend":
-            raise ValueError(f"enable_flash_attention needs Ascend (MindSpore's flash-attention kernel exists only "
+            raise ConfigError(f"enable_flash_attention needs Ascend (MindSpore's flash-attention kernel exists only "
                              f"there); this run's device target is {self.device_target}. Set "
                              f"enable_flash_attention: False")
         self.flash_attention = enable_flash_attention

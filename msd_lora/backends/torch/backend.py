@@ -17,6 +17,7 @@ from msd_lora.lora.keys import LoraWeights
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
 from msd_lora.models.state_check import check_state_fits
+from msd_lora.errors import ConfigError
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,11 +29,11 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = "cuda" if device.lower() == "gpu" else device
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' was asked for, but torch sees no CUDA GPU; use device: cpu")
+        raise ConfigError(f"device '{device}' was asked for, but torch sees no CUDA GPU; use device: cpu")
     try:
         return torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"device '{device}' is not a torch device ({err})") from None
+        raise ConfigError(f"device '{device}' is not a torch device ({err})") from err
 
 
 def build_network(name: str, build, config: dict, state: dict[str, np.ndarray], source: str) -> torch.nn.Module:
