@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from msd_lora.io_utils import atomic_write, read_safetensors
-from msd_lora.lora.keys import LoraWeights, from_tensors, to_tensors
-from msd_lora.errors import ResumeError
+from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
+from msd_lora.lora.core import LoraWeights, from_tensors, to_tensors
+from msd_lora.errors import ResumeError, TensorFileError
 
 RESUME_FORMAT = "msd_lora.resume/1"
 RESUME_NAME = "train_resume.safetensors"
@@ -81,23 +81,27 @@ def check_training_state(arrays: dict[str, np.ndarray], scalars: dict[str, Any],
 
 
 def save_resume(path: str | Path, state: ResumeState) -> None:
-    from safetensors.numpy import save_file
-
     tensors = {f"lora.{k}": np.ascontiguousarray(v, np.float32) for k, v in to_tensors(state.lora).items()}
     tensors.update({k: np.ascontiguousarray(v) for k, v in state.arrays.items()})
     alphas = {k: layer.alpha for k, layer in state.lora.items()}
     meta = {"format": RESUME_FORMAT, "step": str(state.step), "scalars": json.dumps(state.scalars),
             "alphas": json.dumps(alphas)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_safetensors(path, tensors, meta)
 
 
 def load_resume(path: str | Path) -> ResumeState:
     path = Path(path)
-    tensors, meta = read_safetensors(path, ResumeError, "resume file")
+    if not path.is_file():
+        raise ResumeError(f"resume file {path} does not exist")
+    try:
+        mapped, meta = read_safetensors(path)
+    except TensorFileError as err:
+        raise ResumeError(f"resume file {err}") from err
+    tensors = {k: np.array(v) for k, v in mapped.items()}  # in memory: training updates them in place
     if meta.get("format") != RESUME_FORMAT:
         raise ResumeError(f"{path} is not an msd-lora resume file (format {meta.get('format')!r}, "
                           f"expected {RESUME_FORMAT!r})")
     lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
     arrays = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
-    return ResumeState(step=int(meta["step"]), lora=from_tensors(lora, json.loads(meta["alphas"])),
+    return ResumeState(step=int(meta["step"]), lora=from_tensors(lora, json.loads(meta["alphas"]), str(path)),
                        arrays=arrays, scalars=json.loads(meta["scalars"]))

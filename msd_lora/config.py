@@ -309,6 +309,6 @@ def load_train_config(argv: Sequence[str] | None = None) -> Config:
 
 def write_config(cfg: Config, path: str | Path) -> None:
     """Write the merged config as yaml, atomically."""
-    from msd_lora.io_utils import atomic_write_text
+    from msd_lora.files.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

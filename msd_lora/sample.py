@@ -13,7 +13,7 @@ import numpy as np
 from msd_lora.backends.base import Backend, ModelInfo
 from msd_lora.diffusion import samplers
 from msd_lora.diffusion.schedule import NoiseSchedule
-from msd_lora.lora.keys import LoraWeights, base_weight_name, split_module_key
+from msd_lora.lora.core import LoraWeights, base_weight_name, split_module_key
 from msd_lora.lora.merge import check_fits, merged_weights
 
 

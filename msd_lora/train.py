@@ -19,13 +19,14 @@ from msd_lora.config import Config, write_config
 from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
 from msd_lora.data.dataset import CaptionedImageDataset
 from msd_lora.diffusion.schedule import NoiseSchedule
-from msd_lora.io_utils import ensure_writable_dir
+from msd_lora.files.atomic import ensure_writable_dir
 from msd_lora.lora.init_from import start_from_file
-from msd_lora.lora.io import save_lora
+from msd_lora.lora.formats import write_lora
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
 from msd_lora.lr_schedule import learning_rate
-from msd_lora.models.pretrained import PromptTokenizer, load_model
+from msd_lora.models.pretrained import load_model
+from msd_lora.tokenizer import PromptTokenizer
 from msd_lora.sample import SamplingSettings, generate, image_grid, save_png
 from msd_lora.train_log import TrainLog
 
@@ -59,7 +60,7 @@ class Trainer:
         self.cfg = cfg
         self.show_progress = show_progress
         self.output = ensure_writable_dir(cfg.output_path)
-        if cfg.init_lora_path and not Path(cfg.init_lora_path).is_file():
+        if cfg.init_lora_path and not Path(cfg.init_lora_path).exists():
             raise MissingPathError(f"init_lora_path {cfg.init_lora_path} does not exist")
         pretrained, self.model_config = load_model(cfg.pretrained_model_path, cfg.model_config or None)
         self.schedule: NoiseSchedule = self.model_config.noise_schedule()
@@ -152,7 +153,7 @@ class Trainer:
         extra = {"msd_lora.backend": self.backend.name, "msd_lora.ema": str(self.cfg.use_ema)}
         if self.cfg.init_lora_path:
             extra["msd_lora.init_lora"] = str(self.cfg.init_lora_path)
-        return save_lora(path, weights, base_model=self.info.base_model, step=step, extra=extra)
+        return write_lora(path, weights, base_model=self.info.base_model, step=step, extra=extra)
 
     def _checkpoint_due(self, step: int) -> bool:
         interval = self.cfg.ckpt_save_interval

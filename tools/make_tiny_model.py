@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +25,10 @@ import torch
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tiny_model import synthetic  # tools/tiny_model, beside this script
+from tiny_model.tokenizer import write_clip_tokenizer
 
-from msd_lora.data import synthetic  # noqa: E402
-from msd_lora.models.tiny_tokenizer import write_clip_tokenizer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 VOCABULARY = (
     "a an on in at the of background style center left right top bottom".split()

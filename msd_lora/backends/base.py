@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from msd_lora.checkpoint import TrainingState, check_training_state
-from msd_lora.lora.keys import LoraWeights, check_lora_fits, to_tensors
+from msd_lora.lora.core import LoraWeights, check_lora_fits, to_tensors
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
 from msd_lora.errors import ConfigError

@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> Path:
     from tqdm.auto import tqdm
 
     from msd_lora.backends.base import get_backend
-    from msd_lora.io_utils import ensure_writable_dir
-    from msd_lora.models.pretrained import PromptTokenizer, load_model
+    from msd_lora.files.atomic import ensure_writable_dir
+    from msd_lora.models.pretrained import load_model
+    from msd_lora.tokenizer import PromptTokenizer
     from msd_lora.sample import SamplingSettings, generate, image_grid, merge_loras, read_lora_files, save_png
 
     prompts, loras = read_prompts(args), lora_pairs(args)

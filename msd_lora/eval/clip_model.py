@@ -122,14 +122,14 @@ def resolve_clip_folder(ckpt_path: str | Path | None, model_name: str = DEFAULT_
 
 
 def load_clip_files(folder: str | Path) -> ClipModelFiles:
-    from safetensors import safe_open
+    from msd_lora.files.safetensors_file import read_safetensors
 
     folder = check_clip_folder(folder)
     config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
     state: dict[str, np.ndarray] = {}
     metadata: dict[str, str] = {}
     for path in weight_files(folder):
-        with safe_open(str(path), framework="np") as f:
-            metadata.update(f.metadata() or {})
-            state.update({k: f.get_tensor(k) for k in f.keys() if not k.endswith("position_ids")})
+        tensors, found = read_safetensors(path)
+        metadata.update(found)
+        state.update({k: v for k, v in tensors.items() if not k.endswith("position_ids")})
     return ClipModelFiles(folder, config, state, metadata)

@@ -80,8 +80,8 @@ def unrecorded_note(info: dict[str, str], source: str, resize: str) -> str | Non
     note = f"{source} does not record its {' or '.join(missing)}, so this run cannot check them"
     if "resize" in info:
         return note
-    return (note + f" (pytorch-fid's own .npz files are --resize bilinear with its standard weights): compare only "
-                   f"with --resize bilinear" + (f", not this run's --resize {resize}" if resize != "bilinear" else ""))
+    return (note + " (pytorch-fid's own .npz files are --resize bilinear with its standard weights): compare only "
+                   "with --resize bilinear" + (f", not this run's --resize {resize}" if resize != "bilinear" else ""))
 
 
 class FidEvaluator:

@@ -101,7 +101,7 @@ def check_statistics_target(path: str | Path) -> Path:
 def save_statistics(path: str | Path, gaussian: Gaussian, **info: str | int) -> None:
     """An .npz in pytorch-fid's layout (`mu`, `sigma`), plus small descriptive entries (resize, num_images, ...)
     and, for sets of at most as many images as dimensions, the covariance factor (exact FIDs when reused)."""
-    from msd_lora.io_utils import atomic_path
+    from msd_lora.files.atomic import atomic_path
 
     path = check_statistics_target(path)
     with atomic_path(path) as tmp:

@@ -85,15 +85,16 @@ def random_clip_state(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 def write_random_clip(folder: str | Path, tokenizer_dir: str | Path, seed: int = 0, width: int = 64) -> Path:
     """A Hugging Face CLIP folder with random weights (marked random in the safetensors metadata)."""
-    from safetensors.numpy import save_file
     from transformers import CLIPImageProcessor
+
+    from msd_lora.files.safetensors_file import write_safetensors
 
     folder, tokenizer_dir = Path(folder), Path(tokenizer_dir)
     folder.mkdir(parents=True, exist_ok=True)
     config = random_clip_config(tokenizer_dir, width)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(random_clip_state(config, seed), str(folder / "model.safetensors"),
-              metadata={"format": "pt", RANDOM_INIT_KEY: f"seed={seed}"})  # "pt": transformers loads it too
+    write_safetensors(folder / "model.safetensors", random_clip_state(config, seed),
+                      {"format": "pt", RANDOM_INIT_KEY: f"seed={seed}"})  # "pt": transformers loads it too
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, folder / name)

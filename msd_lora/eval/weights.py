@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.eval import inception_arch as arch
-from msd_lora.io_utils import read_safetensors
+from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
 from msd_lora.errors import WeightsError
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -116,7 +116,7 @@ def resolve_inception_weights(path: str | Path | None, download: bool | None = N
 
 
 def read_safetensors_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    return read_safetensors(path, ValueError, "safetensors file")  # a ValueError becomes a WeightsError below
+    return read_safetensors(path)  # a TensorFileError (a ValueError) becomes a WeightsError below
 
 
 def read_pth(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -172,9 +172,4 @@ def describe_weights(path: str | Path, metadata: dict[str, str]) -> dict:
 
 def write_random_inception(path: str | Path, seed: int = 0) -> Path:
     """A randomly initialised weight file in pytorch-fid's layout (safetensors, marked random in its metadata)."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(arch.random_state(seed), str(path), metadata={RANDOM_INIT_KEY: f"seed={seed}"})
-    return path
+    return write_safetensors(path, arch.random_state(seed), {RANDOM_INIT_KEY: f"seed={seed}"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from msd_lora.lora.keys import LoraWeights
+from msd_lora.lora.core import LoraWeights
 
 CONTEXT_FAMILY = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 TEXT_FAMILY = {768: "SD 1.x", 1024: "SD 2.x"}

@@ -15,8 +15,8 @@ import re
 
 import numpy as np
 
-from msd_lora.lora.io import alphas_from_metadata
-from msd_lora.lora.keys import COMPONENTS, DOWN, UP, LoraLayer, LoraWeights, from_tensors, split_module_key
+from msd_lora.lora.metadata import alphas_from_metadata
+from msd_lora.lora.core import COMPONENTS, DOWN, UP, LoraLayer, LoraWeights, from_tensors, split_module_key
 from msd_lora.errors import LoraFormatError
 
 
@@ -45,10 +45,7 @@ def read_canonical(tensors: dict[str, np.ndarray], metadata: dict[str, str], sou
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in renamed})
     declared = alphas_from_metadata(metadata, modules) or {}
     declared.update(alphas)
-    try:
-        return from_tensors(renamed, declared or None)
-    except KeyError as err:
-        raise LoraFormatError(f"{source}: {err.args[0]}") from err
+    return from_tensors(renamed, declared or None, source)
 
 
 _OLD_UNET_PROC = re.compile(r"^(?:unet\.)?(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -97,7 +94,7 @@ def read_old(tensors: dict[str, np.ndarray], source: str) -> LoraWeights:
     if unknown:
         raise LoraFormatError(f"{source}: {len(unknown)} keys are not old-diffusers LoRA keys, e.g. "
                               f"{', '.join(unknown[:3])}")
-    weights = from_tensors(canonical, alphas or None)
+    weights = from_tensors(canonical, alphas or None, source)
     stray = sorted(set(alphas) - set(weights))
     if stray:
         raise LoraFormatError(f"{source}: {len(stray)} .alpha tensors belong to no LoRA layer, e.g. "

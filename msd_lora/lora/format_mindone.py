@@ -17,8 +17,8 @@ import numpy as np
 
 from msd_lora.lora.format_diffusers import baked
 from msd_lora.errors import LoraFormatError
-from msd_lora.lora.io import most_common
-from msd_lora.lora.keys import LoraLayer, LoraWeights, split_module_key
+from msd_lora.lora.metadata import most_common
+from msd_lora.lora.core import LoraLayer, LoraWeights, split_module_key
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.models.ldm import UNET
 

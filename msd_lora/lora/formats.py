@@ -1,4 +1,5 @@
-"""Every LoRA file format users bring, read into the canonical in-memory LoRA and written back out.
+"""The one way LoRA files are read and written, in every format users bring: training, sampling, the tools and
+the tests all go through `read_lora` / `write_lora`.
 
     lora = read_lora("civitai_style.safetensors")                   # format detected from the keys
     write_lora("out.safetensors", lora.weights, "kohya")             # diffusers | diffusers_old | kohya | mindone
@@ -13,18 +14,45 @@ ModuleIndex: the model's own when it is known, else the SD 1.x/2.x layout.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from msd_lora.errors import LoraFormatError, MissingPathError, TensorFileError
+from msd_lora.files.tensor_file import read_tensor_file, write_tensor_file
 from msd_lora.lora import format_diffusers, format_kohya, format_mindone
-from msd_lora.errors import LoraFormatError
-from msd_lora.lora.io import FORMAT_VERSION, LoraFile, build_metadata
-from msd_lora.lora.keys import LoraWeights, to_tensors
+from msd_lora.lora.core import LoraWeights, to_tensors
+from msd_lora.lora.metadata import FORMAT_VERSION, build_metadata
 from msd_lora.lora.module_index import ModuleIndex
-from msd_lora.models.tensor_files import read_tensor_file, write_tensor_file
-from msd_lora.errors import TensorFileError
 
 FORMATS = ("diffusers", "diffusers_old", "kohya", "mindone")
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class LoraFile:
+    weights: LoraWeights
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "diffusers"  # one of FORMATS
+
+    @property
+    def step(self) -> int | None:
+        value = self.metadata.get("msd_lora.step")
+        return int(value) if value is not None else None
+
+
+def lora_file_path(path: str | Path) -> Path:
+    """The file a LoRA path names: itself, or a diffusers `save_lora_weights` folder's weight file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / DIFFUSERS_LORA_NAME).is_file():
+            raise LoraFormatError(f"LoRA folder {path} holds no {DIFFUSERS_LORA_NAME} (the file diffusers' "
+                                  f"save_lora_weights writes); give the LoRA file itself")
+        return path / DIFFUSERS_LORA_NAME
+    if not path.exists():
+        raise MissingPathError(f"LoRA file {path} does not exist")
+    return path
 
 
 def detect_format(keys: list[str]) -> str | None:
@@ -51,14 +79,13 @@ def _not_a_lora(path: Path, keys: list[str]) -> LoraFormatError:
 
 def read_lora(path: str | Path, index: ModuleIndex | None = None, fmt: str | None = None) -> LoraFile:
     """Any supported LoRA file as canonical weights; the format is detected unless `fmt` is given."""
-    path = Path(path)
-    if path.is_dir() and (path / DIFFUSERS_LORA_NAME).is_file():  # a diffusers save_lora_weights folder
-        path = path / DIFFUSERS_LORA_NAME
+    path = lora_file_path(path)
     try:
         file = read_tensor_file(path)
     except TensorFileError as err:
         raise LoraFormatError(f"LoRA file {err}") from err
     keys = sorted(file.tensors)
+    file.tensors = {k: np.array(v) for k, v in file.tensors.items()}  # in memory, writable: the file may change
     fmt = fmt or detect_format(keys)
     if fmt is None:
         raise _not_a_lora(path, keys)
@@ -79,8 +106,12 @@ def read_lora(path: str | Path, index: ModuleIndex | None = None, fmt: str | Non
 
 
 def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "diffusers", index: ModuleIndex | None = None,
-               base_model: str = "", dtype: str | None = None, extra: dict[str, str] | None = None) -> Path:
-    """Write `weights` in format `fmt` (atomically). diffusers/kohya keep alpha; the others fold it into B."""
+               base_model: str = "", dtype: str | None = None, extra: dict[str, str] | None = None,
+               step: int | None = None) -> Path:
+    """Write `weights` in format `fmt` (atomically). diffusers/kohya keep alpha; the others fold it into B.
+
+    The canonical (diffusers) file is float32 unless `dtype` says otherwise, with msd-lora's metadata
+    (`msd_lora.lora.metadata`); `step` records how long the LoRA was trained."""
     path = Path(path)
     if fmt not in FORMATS:
         raise LoraFormatError(f"unknown LoRA format {fmt!r}; expected one of {FORMATS}")
@@ -94,7 +125,7 @@ def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "diffusers", i
         raise LoraFormatError(f"{path}: {fmt} LoRA files are written as .safetensors")
     if fmt == "diffusers":
         tensors = to_tensors(weights)
-        metadata = build_metadata(weights, base_model, extra=extra)
+        metadata = build_metadata(weights, base_model, step, extra)
         return write_tensor_file(path, tensors, metadata, dtype=dtype or "float32")
     if fmt == "kohya":
         tensors, metadata = format_kohya.write_kohya(weights, dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.errors import LoraFormatError
-from msd_lora.lora.keys import LoraLayer, LoraWeights
+from msd_lora.lora.core import LoraLayer, LoraWeights
 from msd_lora.lora.spec import LoraSpec
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from msd_lora.lora.keys import LoraLayer, LoraWeights, base_weight_name, split_module_key
+from msd_lora.lora.core import LoraLayer, LoraWeights, base_weight_name, split_module_key
 from msd_lora.errors import LoraMismatchError
 
 

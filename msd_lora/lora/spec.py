@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from msd_lora.lora.keys import COMPONENTS, LoraLayer, LoraWeights, module_key
+from msd_lora.lora.core import COMPONENTS, LoraLayer, LoraWeights, module_key
 from msd_lora.errors import LoraSpecError
 
 

@@ -12,10 +12,10 @@ import shutil
 import uuid
 from pathlib import Path
 
-from msd_lora.io_utils import atomic_write_text
+from msd_lora.files.atomic import atomic_write_text
 from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import PretrainedModel
-from msd_lora.models.safetensors_file import write_safetensors
+from msd_lora.files.safetensors_file import write_safetensors
 from msd_lora.errors import OutputFolderError
 
 DIFFUSERS_VERSION = "0.39.0"  # the version these configs were checked against

@@ -111,21 +111,6 @@ def load_model(path: str | Path, model_config: "str | Path | ModelConfig | None"
     return model, cfg
 
 
-class PromptTokenizer:
-    """CLIP tokenizer of a model, returning fixed-length numpy ids both backends take."""
-
-    def __init__(self, tokenizer_dir: str | Path):
-        from transformers import CLIPTokenizer
-
-        self._tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        self.max_length = int(self._tok.model_max_length)
-
-    def __call__(self, prompts: list[str]) -> np.ndarray:
-        ids = self._tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                        return_tensors="np").input_ids
-        return ids.astype(np.int64)
-
-
 WEIGHT_FILES = {  # component -> file stems diffusers / transformers write
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
@@ -152,9 +137,9 @@ def component_weight_files(folder: str | Path, component: str) -> list[Path]:
 
 def read_component_state(folder: str | Path, component: str) -> dict[str, np.ndarray]:
     """A component's weights as diffusers/transformers-named numpy arrays (memory-mapped; fp16 files stay fp16)."""
-    from msd_lora.models.safetensors_file import read_safetensors_lazy
+    from msd_lora.files.safetensors_file import read_safetensors
 
     state: dict[str, np.ndarray] = {}
     for path in component_weight_files(folder, component):
-        state.update(read_safetensors_lazy(path)[0])
+        state.update(read_safetensors(path)[0])
     return state

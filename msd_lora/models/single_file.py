@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.models import ldm, mindone
-from msd_lora.models.clip_tokenizer import tokenizer_folder
+from msd_lora.tokenizer import tokenizer_folder
 from msd_lora.errors import OutputFolderError, UnsupportedArchitectureError
 from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import NETWORKS, PretrainedModel
 from msd_lora.errors import ModelError
-from msd_lora.models.tensor_files import read_tensor_file, write_tensor_file
+from msd_lora.files.tensor_file import read_tensor_file, write_tensor_file
 from msd_lora.models.versions import detect_version, mismatches, signature_of
 
 LAYOUTS = ("ldm", "mindone")

@@ -14,10 +14,10 @@ pytest.importorskip("mindone")
 from mindspore import Tensor, mint  # noqa: E402
 
 from msd_lora.backends.mindspore.backend import MindSporeBackend  # noqa: E402
-from msd_lora.backends.mindspore.lora import LoraLinear, inject  # noqa: E402
+from msd_lora.backends.mindspore.lora import LoraLinear  # noqa: E402
 from msd_lora.backends.mindspore.optim import FlatAdamW  # noqa: E402
 from msd_lora.backends.mindspore.step import FlatLayout  # noqa: E402
-from msd_lora.lora.keys import LoraLayer  # noqa: E402
+from msd_lora.lora.core import LoraLayer  # noqa: E402
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets  # noqa: E402
 from msd_lora.errors import LoraSpecError  # noqa: E402
 from msd_lora.models.pretrained import load_pretrained  # noqa: E402
@@ -40,11 +40,11 @@ def test_lora_linear_is_base_plus_scaled_update(fp16):
     base = mint.nn.Linear(12, 10, bias=True)
     cell = LoraLinear(base, rank=3, alpha=6.0, fp16=fp16, key="unet.x")
     down, up, x = randn(3, 12, seed=1), randn(10, 3, seed=2), randn(5, 12, seed=3)
-    cell.lora_down.set_data(Tensor(down))
-    cell.lora_up.set_data(Tensor(up))
+    cell.down.set_data(Tensor(down))
+    cell.up.set_data(Tensor(up))
     want = x @ base.weight.asnumpy().T + base.bias.asnumpy() + 2.0 * (x @ down.T) @ up.T
     got = cell(Tensor(x)).asnumpy()
-    assert got.dtype == np.float32 and cell.lora_down.dtype == ms.float32  # fp32 master weights either way
+    assert got.dtype == np.float32 and cell.down.dtype == ms.float32  # fp32 master weights either way
     assert np.abs(got - want).max() / np.abs(want).max() < (2e-3 if fp16 else 1e-6)
     assert cell.base is base  # held, not copied
 

@@ -6,7 +6,7 @@ import pytest
 
 ms = pytest.importorskip("mindspore")
 
-from msd_lora.models import mindspore_ckpt  # noqa: E402
+from msd_lora.files import mindspore_ckpt  # noqa: E402
 
 
 def sample_tensors():

@@ -19,8 +19,7 @@ pytest.importorskip("mindone")
 from msd_lora.checkpoint import RESUME_NAME, load_resume  # noqa: E402
 from msd_lora.config import load_train_config  # noqa: E402
 from msd_lora.lora.formats import read_lora  # noqa: E402
-from msd_lora.lora.io import load_lora  # noqa: E402
-from msd_lora.lora.keys import LoraLayer  # noqa: E402
+from msd_lora.lora.core import LoraLayer  # noqa: E402
 from msd_lora.sample import SamplingSettings, generate, merge_loras  # noqa: E402
 from msd_lora.train import Trainer  # noqa: E402
 from tests.conftest import tiny_args  # noqa: E402
@@ -117,7 +116,7 @@ def test_loss_and_gradients_agree(pair, measured):
 def test_twenty_adamw_steps_agree(pair, runs, measured):
     live = [load_resume(r.output_path / "ckpt" / RESUME_NAME).lora for r in runs]  # the weights AdamW produced
     assert_lora_close(live[1], live[0], 1e-3, "LoRA after 20 AdamW steps", measured)
-    saved = [load_lora(r.lora_path).weights for r in runs]  # use_ema: the files hold the EMA
+    saved = [read_lora(r.lora_path).weights for r in runs]  # use_ema: the files hold the EMA
     assert_lora_close(saved[1], saved[0], 1e-3, "EMA of the LoRA after 20 steps", measured)
     logs = [list(csv.DictReader(open(r.output_path / "train_log.csv"))) for r in runs]
     assert len(logs[0]) == len(logs[1]) == STEPS
@@ -135,7 +134,7 @@ def test_mindone_lora_checkpoint_is_written(pair, runs):
     assert any(k.startswith("model.diffusion_model.") for k in raw)
     assert any(k.startswith("cond_stage_model.") for k in raw)
     back = read_lora(path, pair[1].module_index).weights
-    saved = load_lora(runs[1].lora_path).weights
+    saved = read_lora(runs[1].lora_path).weights
     merged_delta = {k: (layer.up @ layer.down) * layer.scale for k, layer in back.items()}
     for key, layer in saved.items():
         want = (layer.up.astype(np.float64) @ layer.down) * layer.scale
@@ -266,7 +265,7 @@ def test_sampling_and_cross_loaded_loras_agree(pair, runs, measured):
     settings = SamplingSettings(steps=8, guidance_scale=4.0, height=32, width=32, seed=5)
     base = generate(ms_t.backend, ms_t.info, ms_t.tokenizer, ms_t.schedule, PROMPT, 4, settings)
     for run, trained_on in zip(runs, ("torch", "MindSpore")):
-        lora = load_lora(run.lora_path).weights
+        lora = read_lora(run.lora_path).weights
         for t in pair:
             merge_loras(t.backend, [(lora, 1.0, f"trained on {trained_on}")])
         images = [generate(t.backend, t.info, t.tokenizer, t.schedule, PROMPT, 4, settings) for t in pair]

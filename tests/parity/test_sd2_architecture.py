@@ -17,7 +17,8 @@ pytest.importorskip("mindone")
 from msd_lora.backends.base import StepBatch  # noqa: E402
 from msd_lora.diffusion.schedule import NoiseSchedule  # noqa: E402
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets  # noqa: E402
-from msd_lora.models.pretrained import PromptTokenizer, load_model  # noqa: E402
+from msd_lora.models.pretrained import load_model
+from msd_lora.tokenizer import PromptTokenizer  # noqa: E402
 from tests.conftest import TINY_MODEL  # noqa: E402
 
 UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64], "layers_per_block": 1,

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from msd_lora.lora.formats import read_lora, write_lora
-from msd_lora.lora.keys import LoraLayer
+from msd_lora.lora.core import LoraLayer
 from msd_lora.lora.merge import merge_into_state
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.models.pretrained import load_model
-from msd_lora.models.tensor_files import read_tensor_file
+from msd_lora.files.tensor_file import read_tensor_file
 from tests.conftest import tiny_args
 
 

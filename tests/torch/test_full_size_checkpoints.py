@@ -101,7 +101,7 @@ def test_diffusers_converters_agree_with_our_ldm_file(full):
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from msd_lora.models.tensor_files import read_tensor_file
+    from msd_lora.files.tensor_file import read_tensor_file
 
     _, cfg, model, _, folder = full
     path = save_model(model, cfg, folder / "oracle.safetensors", "ldm")

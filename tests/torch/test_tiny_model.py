@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from msd_lora.data.synthetic import COLOURS, SHAPES, describe_colours
+from tools.tiny_model.synthetic import COLOURS, SHAPES, describe_colours
 from msd_lora.models.pretrained import load_pretrained
 from tests.conftest import REPO
 
@@ -16,7 +15,7 @@ from tests.conftest import REPO
 def test_samples_follow_the_prompted_colours(tiny_model):
     from msd_lora.backends.torch.backend import TorchBackend
     from msd_lora.models.model_config import load_model_config
-    from msd_lora.models.pretrained import PromptTokenizer
+    from msd_lora.tokenizer import PromptTokenizer
     from msd_lora.sample import SamplingSettings, generate
 
     schedule = load_model_config(REPO / "configs/model/tiny.yaml").noise_schedule()

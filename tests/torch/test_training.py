@@ -6,8 +6,8 @@ import pytest
 
 from msd_lora.config import load_train_config
 from msd_lora.errors import DatasetError
-from msd_lora.data.synthetic import style_distance
-from msd_lora.lora.io import load_lora, save_lora
+from msd_lora.eval.style import style_distance
+from msd_lora.lora.formats import read_lora, write_lora
 from msd_lora.errors import LoraSpecError
 from msd_lora.models.pretrained import load_pretrained
 from msd_lora.train import Trainer
@@ -45,7 +45,7 @@ def test_loss_goes_down_on_fixed_batches(trained):
 
 def test_saved_lora_round_trips(trained):
     trainer, result, *_ = trained
-    loaded = load_lora(result.lora_path)
+    loaded = read_lora(result.lora_path)
     live = trainer.backend.lora_weights()
     assert loaded.weights.keys() == live.keys() and loaded.step == result.steps
     for key, layer in live.items():
@@ -61,7 +61,7 @@ def test_lora_samples_are_closer_to_the_target_style(trained, tiny_model):
     from PIL import Image
 
     from msd_lora.backends.torch.backend import TorchBackend
-    from msd_lora.models.pretrained import PromptTokenizer
+    from msd_lora.tokenizer import PromptTokenizer
     from msd_lora.sample import SamplingSettings, generate, merge_loras
 
     trainer, result, *_ = trained
@@ -74,7 +74,7 @@ def test_lora_samples_are_closer_to_the_target_style(trained, tiny_model):
         backend = TorchBackend(device="cpu")
         info = backend.load_model(load_pretrained(tiny_model), "epsilon")
         if with_lora:
-            merge_loras(backend, [(load_lora(result.lora_path).weights, 1.0, "trained")])
+            merge_loras(backend, [(read_lora(result.lora_path).weights, 1.0, "trained")])
         images = [im for i, p in enumerate(prompts)
                   for im in generate(backend, info, tokenizer, trainer.schedule, p, 4, settings, i)]
         return style_distance(images, reference)
@@ -101,7 +101,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_lora(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
     resumed = make_trainer(tmp_path / "resumed", *args, "--resume", "True").run()
-    a, b = load_lora(straight.lora_path).weights, load_lora(resumed.lora_path).weights
+    a, b = read_lora(straight.lora_path).weights, read_lora(resumed.lora_path).weights
     for key in a:
         np.testing.assert_array_equal(a[key].up, b[key].up)
         np.testing.assert_array_equal(a[key].down, b[key].down)
@@ -127,7 +127,7 @@ def test_resume_with_other_lora_settings_is_refused(tmp_path, changed, message):
 def test_text_encoder_lora_trains_and_saves_both_components(tmp_path):
     trainer = make_trainer(tmp_path, "--max_train_steps", "2", "--lora_ft_text_encoder", "True")
     result = trainer.run()
-    components = {k.split(".")[0] for k in load_lora(result.lora_path).weights}
+    components = {k.split(".")[0] for k in read_lora(result.lora_path).weights}
     assert components == {"unet", "text_encoder"}
 
 
@@ -175,9 +175,9 @@ def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
     rng = np.random.default_rng(0)
     for layer in weights.values():
         layer.up = rng.standard_normal(layer.up.shape).astype(np.float32) * 0.05
-    path = save_lora(tmp_path / "lora.safetensors", weights)
+    path = write_lora(tmp_path / "lora.safetensors", weights)
     original = ours.base_weights()
-    merge_loras(ours, [(load_lora(path).weights, 0.7, str(path))])
+    merge_loras(ours, [(read_lora(path).weights, 0.7, str(path))])
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), local_files_only=True)
     pipe.load_lora_weights(str(path))
@@ -195,7 +195,7 @@ def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
 
 def test_lora_for_another_model_names_keys_and_shapes(tmp_path, tiny_model):
     from msd_lora.backends.torch.backend import TorchBackend
-    from msd_lora.lora.keys import LoraLayer
+    from msd_lora.lora.core import LoraLayer
     from msd_lora.errors import LoraMismatchError
     from msd_lora.sample import merge_loras
 

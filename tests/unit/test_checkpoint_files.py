@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 import yaml
 
-from msd_lora.models import mindspore_ckpt
+from msd_lora.files import mindspore_ckpt
 from msd_lora.models.layout import unet_names
 from msd_lora.errors import UnsupportedArchitectureError
 from msd_lora.errors import StateDictError
 from msd_lora.models.mindone import text_pairs, unet_name
 from msd_lora.models.pretrained import load_model
-from msd_lora.errors import ModelError
-from msd_lora.models.safetensors_file import read_safetensors_lazy, write_safetensors
+from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
 from msd_lora.errors import SafetensorsError
 from msd_lora.models.single_file import write_single_file
-from msd_lora.models.tensor_files import read_tensor_file
+from msd_lora.files.tensor_file import read_tensor_file
 from msd_lora.errors import TensorFileError
 from msd_lora.models.versions import detect_version, shipped_config
 
@@ -34,7 +33,7 @@ def test_safetensors_writer_and_reader_agree_with_the_library(tmp_path):
     theirs = load_file(str(tmp_path / "ours.safetensors"))
     assert all(np.array_equal(theirs[k], v) and theirs[k].dtype == v.dtype for k, v in tensors.items())
     save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"k": "v"})
-    ours, meta = read_safetensors_lazy(tmp_path / "lib.safetensors")
+    ours, meta = read_safetensors(tmp_path / "lib.safetensors")
     assert meta == {"k": "v"} and all(np.array_equal(ours[k], v) for k, v in tensors.items())
     write_safetensors(tmp_path / "half.safetensors", tensors, dtype="float16")
     assert load_file(str(tmp_path / "half.safetensors"))["a"].dtype == np.float16
@@ -46,7 +45,7 @@ def test_bfloat16_safetensors_widen_exactly(tmp_path):
     raw = (values.view(np.uint32) >> 16).astype(np.uint16)
     header = json.dumps({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw.tobytes())
-    tensors, _ = read_safetensors_lazy(tmp_path / "bf16.safetensors")
+    tensors, _ = read_safetensors(tmp_path / "bf16.safetensors")
     assert tensors["w"].dtype == np.float32 and np.array_equal(tensors["w"], values)
 
 
@@ -55,7 +54,7 @@ def test_truncated_and_garbled_safetensors_are_named(tmp_path):
     data = (tmp_path / "ok.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-100])
     with pytest.raises(SafetensorsError, match=r"cut\.safetensors is truncated: tensor 'w' ends at byte"):
-        read_safetensors_lazy(tmp_path / "cut.safetensors")
+        read_safetensors(tmp_path / "cut.safetensors")
     (tmp_path / "garbled.safetensors").write_bytes(data[:8] + b"#" + data[9:])
     with pytest.raises(TensorFileError, match=r"garbled\.safetensors"):
         read_tensor_file(tmp_path / "garbled.safetensors")
@@ -84,7 +83,7 @@ def raw_safetensors(path, header, data=b""):
 def test_bad_safetensors_headers_are_errors_naming_the_file(tmp_path, header, message):
     path = raw_safetensors(tmp_path / "bad.safetensors", header, bytes(16))
     with pytest.raises(SafetensorsError, match=rf"bad\.safetensors: .*{message}"):
-        read_safetensors_lazy(path)
+        read_safetensors(path)
 
 
 def test_mindspore_checkpoint_round_trip_slices_and_trailer(tmp_path, monkeypatch):
@@ -137,7 +136,7 @@ def test_pickles_with_code_are_refused_without_running_it(tmp_path):
                                                 (0, (-1, 4), (4, 1)), (13, (), ())])
 def test_tensor_views_outside_their_storage_are_refused(offset, size, stride):
     """A crafted checkpoint could ask for a view past its bytes (as_strided does not check): refused, not read."""
-    from msd_lora.models.torch_pickle import _rebuild_tensor, _Storage
+    from msd_lora.files.torch_pickle import _rebuild_tensor, _Storage
     from msd_lora.errors import TorchFileError
 
     storage = _Storage(np.arange(12, dtype=np.float32))
@@ -328,7 +327,7 @@ def test_ldm_file_of_another_architecture_is_refused(tiny_model, tiny_yaml, tmp_
     with pytest.raises(UnsupportedArchitectureError, match=r"(?s)v1-inference\.yaml does not describe.*"
                                                            r"cross-attention width: config 768, file 64"):
         load_model(path, shipped_config("v1").path)
-    from msd_lora.models.tensor_files import read_tensor_file as read
+    from msd_lora.files.tensor_file import read_tensor_file as read
 
     tensors = dict(read(path).tensors)
     tensors["model.diffusion_model.label_emb.0.0.weight"] = np.zeros((4, 4), np.float32)  # a class-conditional UNet
@@ -350,8 +349,8 @@ def test_truncated_diffusers_component_is_named(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("pad,pad_id", [("<|endoftext|>", 49407), ("!", 0)])
 def test_offline_clip_tokenizers_give_clip_ids(tmp_path, monkeypatch, pad, pad_id):
-    from msd_lora.models.clip_tokenizer import tokenizer_folder
-    from msd_lora.models.pretrained import PromptTokenizer
+    from msd_lora.tokenizer import tokenizer_folder
+    from msd_lora.tokenizer import PromptTokenizer
 
     monkeypatch.setenv("MSD_LORA_CACHE", str(tmp_path))
     folder = tokenizer_folder(pad, 77)

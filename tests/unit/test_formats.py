@@ -7,13 +7,13 @@ import pytest
 from msd_lora.errors import LoraFormatError
 from msd_lora.lora.formats import detect_format, read_lora, write_lora
 from msd_lora.lora.init_from import start_from_file
-from msd_lora.lora.keys import LoraLayer
+from msd_lora.lora.core import LoraLayer
 from msd_lora.lora.merge import check_fits, delta, extract_lora, merge_into_state, merged_weights, unmerged_weights
 from msd_lora.errors import LoraMismatchError
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import load_model
-from msd_lora.models.safetensors_file import write_safetensors
+from msd_lora.files.safetensors_file import write_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_mindone_round_trip_exact_for_mindone_style_loras(tiny, index, tmp_path)
                                "k_proj.weight", "v_proj.weight", "out_proj.weight", "ff.net.2.weight"))
     with pytest.warns(UserWarning, match=r"\d+ layers are not attention projections \(e\.g\. .*ff\.net\.2"):
         path = write_lora(tmp_path / "m.ckpt", lora, "mindone", index)  # mindone's loader skips ff.net.2
-    from msd_lora.models.mindspore_ckpt import read_mindspore_ckpt
+    from msd_lora.files.mindspore_ckpt import read_mindspore_ckpt
 
     raw = read_mindspore_ckpt(path)
     assert int(raw["lora_rank"]) == 4
@@ -150,7 +150,7 @@ def test_mindone_style_loras_write_without_a_warning(tiny, index, tmp_path):
 
 
 def test_mindone_in_proj_that_is_not_three_blocks_is_named(tmp_path):
-    from msd_lora.models.mindspore_ckpt import write_mindspore_ckpt
+    from msd_lora.files.mindspore_ckpt import write_mindspore_ckpt
 
     cell = "cond_stage_model.transformer.transformer_layer.resblocks.0.attn.attn.in_proj"
     write_mindspore_ckpt(tmp_path / "odd.ckpt", {f"{cell}.lora_down.weight": np.zeros((4, 32), np.float32),
@@ -179,7 +179,7 @@ def test_alpha_patterns_match_as_peft_matches_them(tmp_path):
 
 
 def test_old_diffusers_alpha_tensors_apply_to_their_layers(tiny, index, tmp_path):
-    from msd_lora.models.tensor_files import read_tensor_file
+    from msd_lora.files.tensor_file import read_tensor_file
 
     leaves = ("to_q.weight", "to_k.weight", "conv1.weight", "q_proj.weight", "fc1.weight")
     lora = random_lora(tiny, np.random.default_rng(7), alpha=lambda rng: 4.0, leaves=leaves)

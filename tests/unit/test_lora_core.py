@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from msd_lora.lora.io import load_lora, save_lora
-from msd_lora.errors import LoraFormatError
-from msd_lora.lora.keys import LoraLayer, from_tensors, to_tensors
+from msd_lora.lora.formats import read_lora, write_lora
+from msd_lora.errors import LoraFormatError, MissingPathError
+from msd_lora.lora.core import LoraLayer, from_tensors, to_tensors
 from msd_lora.lora.merge import check_fits, delta, merged_weights
 from msd_lora.errors import LoraMismatchError
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, matches, select_targets
@@ -85,8 +85,8 @@ def test_check_fits_names_missing_keys_and_shapes():
 def test_file_round_trip_keeps_values_alpha_and_metadata(tmp_path):
     rng = np.random.default_rng(1)
     lora = random_lora(rng, alpha=2.0)
-    path = save_lora(tmp_path / "l.safetensors", lora, base_model="tiny", step=7)
-    loaded = load_lora(path)
+    path = write_lora(tmp_path / "l.safetensors", lora, base_model="tiny", step=7)
+    loaded = read_lora(path)
     assert loaded.step == 7 and loaded.metadata["msd_lora.base_model"] == "tiny"
     adapter = json.loads(loaded.metadata["lora_adapter_metadata"])
     assert adapter["unet.r"] == 4 and adapter["unet.lora_alpha"] == 2.0
@@ -104,35 +104,35 @@ def test_tensor_keys_are_diffusers_peft_names():
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"", "not a readable safetensors file"),
-    (b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}", "not a readable safetensors file"),
+    (b"", r"LoRA file .*bad\.safetensors is empty"),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}", r"LoRA file .*bad\.safetensors: header length 8 does not fit a 15-byte file"),
 ])
 def test_corrupt_files_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
     with pytest.raises(LoraFormatError, match=message):
-        load_lora(path)
+        read_lora(path)
 
 
 def test_truncated_file_and_missing_file(tmp_path):
-    path = save_lora(tmp_path / "l.safetensors", random_lora(np.random.default_rng(0)))
+    path = write_lora(tmp_path / "l.safetensors", random_lora(np.random.default_rng(0)))
     path.write_bytes(path.read_bytes()[:-50])
     with pytest.raises(LoraFormatError, match="truncated"):
-        load_lora(path)
-    with pytest.raises(LoraFormatError, match="does not exist"):
-        load_lora(tmp_path / "nope.safetensors")
+        read_lora(path)
+    with pytest.raises(MissingPathError, match="LoRA file .*nope.safetensors does not exist"):
+        read_lora(tmp_path / "nope.safetensors")
 
 
 def test_non_lora_safetensors_is_rejected(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"conv.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(LoraFormatError, match="not a canonical LoRA file"):
-        load_lora(tmp_path / "model.safetensors")
+    with pytest.raises(LoraFormatError, match="holds no LoRA in a known format"):
+        read_lora(tmp_path / "model.safetensors")
 
 
 def test_weights_written_into_a_live_lora_must_fit_names_shapes_and_alpha():
-    from msd_lora.lora.keys import check_lora_fits
+    from msd_lora.lora.core import check_lora_fits
 
     def lora(rank, alpha, key="unet.a.to_q"):
         return {key: LoraLayer(down=np.zeros((rank, 6), np.float32), up=np.zeros((5, rank), np.float32), alpha=alpha)}

@@ -4,9 +4,9 @@ import os
 import pytest
 from transformers import CLIPTokenizer
 
-from msd_lora.io_utils import atomic_write_text, ensure_writable_dir
+from msd_lora.files.atomic import atomic_write_text, ensure_writable_dir
 from msd_lora.lr_schedule import learning_rate
-from msd_lora.models.tiny_tokenizer import learn_merges, write_clip_tokenizer
+from tools.tiny_model.tokenizer import learn_merges, write_clip_tokenizer
 
 
 def test_tokenizer_makes_each_word_one_token(tmp_path):
@@ -61,14 +61,14 @@ def test_resume_file_errors(tmp_path):
 
     from msd_lora.checkpoint import ResumeState, load_resume, save_resume
     from msd_lora.errors import ResumeError
-    from msd_lora.lora.io import save_lora
-    from msd_lora.lora.keys import LoraLayer
+    from msd_lora.lora.formats import write_lora
+    from msd_lora.lora.core import LoraLayer
 
     lora = {"unet.a.to_q": LoraLayer(np.ones((2, 4), np.float32), np.zeros((4, 2), np.float32), 2.0)}
     save_resume(tmp_path / "r.safetensors", ResumeState(step=3, lora=lora, scalars={"loss_scale": 8.0}))
     state = load_resume(tmp_path / "r.safetensors")
     assert state.step == 3 and state.scalars == {"loss_scale": 8.0} and state.lora["unet.a.to_q"].alpha == 2.0
-    save_lora(tmp_path / "l.safetensors", lora)
+    write_lora(tmp_path / "l.safetensors", lora)
     with pytest.raises(ResumeError, match="is not an msd-lora resume file"):
         load_resume(tmp_path / "l.safetensors")
     with pytest.raises(ResumeError, match="resume file .*missing.safetensors does not exist"):

@@ -33,14 +33,14 @@ def check_statistics_args(real_stats: str | None, save_stats: str | None = None)
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    from msd_lora.io_utils import atomic_write_text
+    from msd_lora.files.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> str:
     """One JSON line per record; returns the path written."""
-    from msd_lora.io_utils import atomic_write_text
+    from msd_lora.files.atomic import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return str(path)

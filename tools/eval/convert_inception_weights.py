@@ -22,7 +22,7 @@ from msd_lora.models.state_check import check_state_fits  # noqa: E402
 
 @exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
-    from safetensors.numpy import save_file
+    from msd_lora.files.safetensors_file import write_safetensors
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="the .pth file (read with torch.load(weights_only=True))")
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metadata = {"format": "pt", "source": found.get("source", Path(args.source).name),
                 SOURCE_SHA256_KEY: weights_identity(args.source, found),
                 **{k: found[k] for k in (RANDOM_INIT_KEY,) if k in found}}
-    save_file({k: v.astype("float32") for k, v in state.items()}, args.target, metadata=metadata)
+    write_safetensors(args.target, state, metadata, dtype="float32")
     print(f"{args.target}: {len(state)} tensors from {args.source}")
     return 0
 

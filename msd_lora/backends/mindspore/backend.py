@@ -43,7 +43,7 @@ from msd_lora.backends.mindspore import lora as ms_lora  # noqa: E402
 from msd_lora.backends.mindspore.kernels import apply_cpu_kernel_substitutes  # noqa: E402
 from msd_lora.backends.mindspore.models import build_networks, load_state, named_parameters  # noqa: E402
 from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeLatents, FlatLayout, TrainStep  # noqa: E402
-from msd_lora.lora.keys import LoraWeights, to_tensors  # noqa: E402
+from msd_lora.lora.core import DOWN, UP, LoraWeights, to_tensors  # noqa: E402
 from msd_lora.lora.spec import LoraSpec  # noqa: E402
 from msd_lora.models.pretrained import PretrainedModel  # noqa: E402
 from msd_lora.errors import ConfigError
@@ -178,7 +178,7 @@ class MindSporeBackend(Backend):
     def _lora_items(self) -> list[tuple[str, ms.Parameter]]:
         """(canonical tensor key, parameter): MindSpore may rename parameters, our keys stay."""
         return [item for key, cell in self.lora_cells.items()
-                for item in ((f"{key}.lora_A.weight", cell.lora_down), (f"{key}.lora_B.weight", cell.lora_up))]
+                for item in ((f"{key}.{DOWN}", cell.down), (f"{key}.{UP}", cell.up))]
 
     def lora_weights(self, ema: bool = False) -> LoraWeights:
         weights = ms_lora.read_weights(self.lora_cells, self.alpha)

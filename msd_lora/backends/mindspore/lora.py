@@ -10,7 +10,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from msd_lora.lora.keys import LoraLayer, LoraWeights, module_key
+from msd_lora.lora.core import DOWN, UP, LoraLayer, LoraWeights, module_key
 from msd_lora.lora.spec import LoraSpec
 
 
@@ -19,16 +19,16 @@ class LoraLinear(nn.Cell):
         super().__init__(auto_prefix=False)
         out_features, in_features = base.weight.shape
         self.base = base
-        self.lora_down = Parameter(Tensor(np.zeros((rank, in_features), np.float32)), name=f"{key}.lora_A.weight")
-        self.lora_up = Parameter(Tensor(np.zeros((out_features, rank), np.float32)), name=f"{key}.lora_B.weight")
+        self.down = Parameter(Tensor(np.zeros((rank, in_features), np.float32)), name=f"{key}.{DOWN}")
+        self.up = Parameter(Tensor(np.zeros((out_features, rank), np.float32)), name=f"{key}.{UP}")
         self.scale = alpha / rank
         self.compute_dtype = ms.float16 if fp16 else ms.float32
 
     def construct(self, x: Tensor) -> Tensor:
         y = self.base(x)
         dtype = self.compute_dtype
-        h = ops.matmul(x.astype(dtype), self.lora_down.astype(dtype).T)
-        h = ops.matmul(h, self.lora_up.astype(dtype).T) * self.scale
+        h = ops.matmul(x.astype(dtype), self.down.astype(dtype).T)
+        h = ops.matmul(h, self.up.astype(dtype).T) * self.scale
         return y + h.astype(y.dtype)
 
 
@@ -56,17 +56,17 @@ def inject(root: nn.Cell, component: str, module_names: list[str], spec: LoraSpe
         # across blocks: keep the base layer's own names and give the LoRA weights their canonical keys
         for param in cell.base.get_parameters():
             param.name = base_names[id(param)]
-        cell.lora_down.name, cell.lora_up.name = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+        cell.down.name, cell.up.name = f"{key}.{DOWN}", f"{key}.{UP}"
     return {key: cell for key, (cell, _) in injected.items()}
 
 
 def read_weights(cells: dict[str, LoraLinear], alpha: float) -> LoraWeights:
-    return {k: LoraLayer(down=c.lora_down.asnumpy().copy(), up=c.lora_up.asnumpy().copy(), alpha=alpha)
+    return {k: LoraLayer(down=c.down.asnumpy().copy(), up=c.up.asnumpy().copy(), alpha=alpha)
             for k, c in cells.items()}
 
 
 def write_weights(cells: dict[str, LoraLinear], weights: LoraWeights) -> None:
     """Copy weights already checked to fit (`keys.check_lora_fits`) into the cells."""
     for key, layer in weights.items():
-        cells[key].lora_down.set_data(Tensor(np.asarray(layer.down, np.float32)))
-        cells[key].lora_up.set_data(Tensor(np.asarray(layer.up, np.float32)))
+        cells[key].down.set_data(Tensor(np.asarray(layer.down, np.float32)))
+        cells[key].up.set_data(Tensor(np.asarray(layer.up, np.float32)))

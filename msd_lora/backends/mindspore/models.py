@@ -10,6 +10,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from msd_lora.lora.core import DOWN, UP
 from msd_lora.models.state_check import check_state_fits
 
 
@@ -39,9 +40,10 @@ def diffusers_name(component: str, ms_name: str) -> str:
 
 
 def named_parameters(component: str, network: nn.Cell) -> dict[str, ms.Parameter]:
-    """diffusers name -> parameter, for the network's own (non-LoRA) parameters; a LoRA cell's `.base.` is hidden."""
+    """diffusers name -> parameter, for the network's own (non-LoRA) parameters; a LoRA cell's `.base.` is hidden
+    (its own weights carry their canonical key as name, `<key>.lora_A.weight`)."""
     return {diffusers_name(component, n.replace(".base.", ".")): p for n, p in network.parameters_and_names()
-            if not n.endswith((".lora_down", ".lora_up"))}
+            if not p.name.endswith((f".{DOWN}", f".{UP}"))}
 
 
 def load_state(component: str, network: nn.Cell, state: dict[str, np.ndarray], source: str) -> None:

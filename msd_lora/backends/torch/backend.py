@@ -13,7 +13,7 @@ from msd_lora.backends.base import (Backend, ModelInfo, OptimizerSettings, StepB
 from msd_lora.backends.torch import lora as torch_lora
 from msd_lora.checkpoint import TrainingState
 from msd_lora.diffusion.schedule import add_noise, training_target
-from msd_lora.lora.keys import LoraWeights
+from msd_lora.lora.core import LoraWeights
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
 from msd_lora.models.state_check import check_state_fits

@@ -81,7 +81,7 @@ class TorchInceptionFeatures:
         self.network = FidInceptionV3().eval()
         check_state_fits(state, arch.state_shapes(), source, "the FID InceptionV3")
         buffers = {n: b for n, b in self.network.state_dict().items() if n.endswith("num_batches_tracked")}
-        self.network.load_state_dict({**buffers, **{n: torch.from_numpy(np.asarray(v, np.float32))
+        self.network.load_state_dict({**buffers, **{n: torch.from_numpy(np.array(v, np.float32))
                                                     for n, v in state.items()}}, strict=True)
         self.network.to(self.device)
 

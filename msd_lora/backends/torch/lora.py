@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from msd_lora.lora.keys import LoraLayer, LoraWeights, module_key
+from msd_lora.lora.core import LoraLayer, LoraWeights, module_key
 from msd_lora.lora.spec import LoraSpec
 
 ADAPTER = "default"

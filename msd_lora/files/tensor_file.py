@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msd_lora.models import mindspore_ckpt, safetensors_file, torch_pickle
-from msd_lora.errors import TensorFileError
+from msd_lora.files import mindspore_ckpt, safetensors_file, torch_pickle
+from msd_lora.errors import MissingPathError, TensorFileError
 
 
 
@@ -40,27 +40,25 @@ def read_tensor_file(path: str | Path) -> TensorFile:
     """Read any supported container into numpy; errors name the file and say what is wrong with it."""
     path = Path(path)
     if not path.is_file():
-        raise TensorFileError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+        if not path.exists():
+            raise MissingPathError(f"{path} does not exist")
+        raise TensorFileError(f"{path} is not a file")
     if path.stat().st_size == 0:
         raise TensorFileError(f"{path} is empty")
     container = sniff_container(path)
-    try:
-        if container == "safetensors":
-            tensors, metadata = safetensors_file.read_safetensors_lazy(path)
-            return TensorFile(tensors, metadata, container)
-        if container == "torch":
-            obj = torch_pickle.read_torch_zip(path)
-            metadata = {}
-            if isinstance(obj, dict) and isinstance(obj.get("global_step"), (int, np.integer)):
-                metadata["global_step"] = str(int(obj["global_step"]))
-            return TensorFile(torch_pickle.tensors_in(obj), metadata, container)
-        if container == "mindspore":
-            return TensorFile(mindspore_ckpt.read_mindspore_ckpt(path), {}, container)
-        if container == "pickle":
-            torch_pickle.refuse_legacy_pickle(path)
-    except (safetensors_file.SafetensorsError, torch_pickle.TorchFileError, torch_pickle.UnsafePickleError,
-            mindspore_ckpt.MindSporeCkptError) as err:
-        raise TensorFileError(str(err)) from None
+    if container == "safetensors":
+        tensors, metadata = safetensors_file.read_safetensors(path)
+        return TensorFile(tensors, metadata, container)
+    if container == "torch":
+        obj = torch_pickle.read_torch_zip(path)
+        metadata = {}
+        if isinstance(obj, dict) and isinstance(obj.get("global_step"), (int, np.integer)):
+            metadata["global_step"] = str(int(obj["global_step"]))
+        return TensorFile(torch_pickle.tensors_in(obj), metadata, container)
+    if container == "mindspore":
+        return TensorFile(mindspore_ckpt.read_mindspore_ckpt(path), {}, container)
+    if container == "pickle":
+        torch_pickle.refuse_legacy_pickle(path)
     raise TensorFileError(f"{path}: unknown file format (not safetensors, a torch zip checkpoint or a MindSpore "
                           f"checkpoint); if it is a download, it may be an HTML error page or truncated")
 

@@ -1,4 +1,6 @@
-"""The canonical LoRA file: safetensors with diffusers/peft keys and self-describing metadata.
+"""The canonical LoRA file's metadata: what msd-lora writes, and the alphas a file declares.
+
+The file is safetensors with diffusers/peft keys (`msd_lora.lora.formats` reads and writes it).
 
 Metadata (all strings, as safetensors requires):
   format: "pt"                         so torch tooling treats it as a torch file
@@ -13,29 +15,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
-
-from msd_lora.io_utils import atomic_write, read_safetensors
-from msd_lora.lora.keys import LoraWeights, from_tensors, split_module_key, to_tensors
-from msd_lora.errors import LoraFormatError
+from msd_lora.lora.core import LoraWeights, split_module_key
 
 FORMAT_VERSION = "1"
-
-
-
-@dataclass
-class LoraFile:
-    weights: LoraWeights
-    metadata: dict[str, str] = field(default_factory=dict)
-    format: str = "diffusers"  # the file's format (msd_lora.lora.formats.FORMATS)
-
-    @property
-    def step(self) -> int | None:
-        value = self.metadata.get("msd_lora.step")
-        return int(value) if value is not None else None
 
 
 def _targets(weights: LoraWeights) -> dict[str, list[str]]:
@@ -87,17 +70,6 @@ def build_metadata(weights: LoraWeights, base_model: str = "", step: int | None 
     return meta
 
 
-def save_lora(path: str | Path, weights: LoraWeights, base_model: str = "", step: int | None = None,
-              extra: dict[str, str] | None = None) -> Path:
-    """Write the canonical file atomically (float32 tensors, contiguous)."""
-    from safetensors.numpy import save_file
-
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in to_tensors(weights).items()}
-    metadata = build_metadata(weights, base_model, step, extra)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return Path(path)
-
-
 def alphas_from_metadata(meta: dict[str, str], keys: list[str]) -> dict[str, float] | None:
     """Per-layer alphas a canonical (or diffusers-written) file declares; None when it declares none."""
     if "msd_lora.alpha" in meta:
@@ -129,17 +101,3 @@ def pattern_key(patterns, module: str) -> str | None:
             if module == pattern or module.endswith("." + pattern):
                 return pattern
     return None
-
-
-def load_lora(path: str | Path) -> LoraFile:
-    """Read a canonical LoRA file; clear errors for missing, corrupt or non-LoRA files."""
-    path = Path(path)
-    tensors, meta = read_safetensors(path, LoraFormatError, "LoRA file")
-    try:
-        modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-        weights = from_tensors(tensors, alphas_from_metadata(meta, modules))
-    except KeyError as err:
-        raise LoraFormatError(f"{path} is not a canonical LoRA file: {err.args[0]}") from err
-    if not weights:
-        raise LoraFormatError(f"{path} holds no LoRA tensors")
-    return LoraFile(weights=weights, metadata=meta)

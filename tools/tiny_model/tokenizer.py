@@ -10,22 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-END_OF_WORD = "</w>"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible map from bytes to printable unicode symbols."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
+from msd_lora.tokenizer import BOS, END_OF_WORD, EOS, bytes_to_unicode
 
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Greedy lowest-rank-first BPE, as CLIP applies it."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from msd_lora.models.bfloat16 import bfloat16_to_float32
+from msd_lora.files.bfloat16 import bfloat16_to_float32
 from msd_lora.errors import TorchFileError, UnsafePickleError
 
 

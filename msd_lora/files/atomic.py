@@ -1,4 +1,5 @@
-"""Atomic file writes and output-folder checks: a crash never leaves a half-written file behind."""
+"""Atomic file writes: a crash never leaves a half-written file behind, and a link at the target is replaced, never
+written through."""
 from __future__ import annotations
 
 import os
@@ -55,20 +56,3 @@ def ensure_writable_dir(path: str | Path, what: str = "output_path") -> Path:
         raise UnwritablePathError(f"{what} '{path}' is not writable ({err.strerror}); "
                               f"choose another folder with --{what}") from err
     return path
-
-
-def read_safetensors(path: str | Path, error: type[Exception], what: str) -> tuple[dict, dict[str, str]]:
-    """(numpy tensors, metadata) of a safetensors file; `error(...)` names the file when it is missing or broken."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.numpy import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as err:
-        raise error(f"{what} {path} is not a readable safetensors file ({err}); "
-                    f"it may be truncated or in another format") from err

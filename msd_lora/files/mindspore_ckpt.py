@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from msd_lora.io_utils import atomic_path
+from msd_lora.files.atomic import atomic_path
 from msd_lora.errors import MindSporeCkptError
 
 NUMPY_TYPES = {"Int8": np.int8, "UInt8": np.uint8, "Int16": np.int16, "UInt16": np.uint16, "Int32": np.int32,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msd_lora.io_utils import atomic_path
-from msd_lora.models.bfloat16 import bfloat16_to_float32
+from msd_lora.files.atomic import atomic_path
+from msd_lora.files.bfloat16 import bfloat16_to_float32
 from msd_lora.errors import SafetensorsError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
@@ -87,7 +87,7 @@ def _check_no_overlap(path: Path, ranges: dict[str, tuple[int, int]]) -> None:
             previous, last_end = name, end
 
 
-def read_safetensors_lazy(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(name -> read-only array backed by a memory map, metadata). Raises SafetensorsError naming the file.
 
     bfloat16 tensors are the exception: widened to float32 arrays in memory here.

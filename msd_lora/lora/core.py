@@ -1,6 +1,9 @@
-"""Canonical LoRA naming: `<component>.<module path>.lora_A.weight` / `.lora_B.weight` (diffusers/peft).
+"""What a LoRA is in memory, and its canonical names: the vocabulary every other module speaks.
 
-In memory a LoRA is `LoraWeights`: `"<component>.<module path>" -> LoraLayer(down=A, up=B, alpha)`.
+A LoRA is `LoraWeights`: `"<component>.<module path>" -> LoraLayer(down, up, alpha)`, the update being
+`W' = W + (alpha / rank) * up @ down`. In code the two factors are always `down` (A: in -> rank) and `up`
+(B: rank -> out); `lora_A`/`lora_B` (peft, diffusers: the canonical file keys `<key>.lora_A.weight`) and
+`lora_down`/`lora_up` (kohya, mindone) are spellings of file formats, met only where those are read or written.
 Per-layer alpha keeps room for files (kohya) whose layers differ.
 """
 from __future__ import annotations
@@ -9,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from msd_lora.errors import LoraMismatchError
+
+from msd_lora.errors import LoraFormatError, LoraMismatchError
 
 COMPONENTS = ("unet", "text_encoder")
 DOWN, UP = "lora_A.weight", "lora_B.weight"
@@ -41,7 +45,7 @@ def split_module_key(key: str) -> tuple[str, str]:
     """'unet.down_blocks.0...to_q' -> ('unet', 'down_blocks.0...to_q')."""
     component, _, module = key.partition(".")
     if component not in COMPONENTS or not module:
-        raise KeyError(f"LoRA key {key!r} does not start with one of {COMPONENTS}")
+        raise LoraFormatError(f"LoRA key {key!r} does not start with one of {COMPONENTS}")
     return component, module
 
 
@@ -54,7 +58,8 @@ def to_tensors(weights: LoraWeights) -> dict[str, np.ndarray]:
     return tensors
 
 
-def from_tensors(tensors: dict[str, np.ndarray], alphas: dict[str, float] | float | None) -> LoraWeights:
+def from_tensors(tensors: dict[str, np.ndarray], alphas: dict[str, float] | float | None,
+                 source: str = "LoRA file") -> LoraWeights:
     """Group canonical keys into layers; `alphas` per module key, one number, or None (alpha = rank)."""
     modules: dict[str, dict[str, np.ndarray]] = {}
     for name, value in tensors.items():
@@ -63,12 +68,12 @@ def from_tensors(tensors: dict[str, np.ndarray], alphas: dict[str, float] | floa
                 modules.setdefault(name[: -len(part) - 1], {})[part] = value
                 break
         else:
-            raise KeyError(f"{name!r} is not a canonical LoRA key (…{DOWN} / …{UP})")
+            raise LoraFormatError(f"{source}: {name!r} is not a canonical LoRA key (…{DOWN} / …{UP})")
     weights = {}
     for key, parts in modules.items():
         if DOWN not in parts or UP not in parts:
             missing = DOWN if DOWN not in parts else UP
-            raise KeyError(f"LoRA layer {key!r} has no {missing}")
+            raise LoraFormatError(f"{source}: LoRA layer {key!r} has no {missing}")
         down, up = parts[DOWN], parts[UP]
         if isinstance(alphas, dict):
             alpha = alphas.get(key, float(down.shape[0]))

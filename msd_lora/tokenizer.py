@@ -1,4 +1,4 @@
-"""The SD 1.x / 2.x CLIP tokenizer, built offline from the BPE merges shipped in msd_lora/assets/clip_bpe.
+"""Prompts to token ids: `PromptTokenizer`, and the SD 1.x / 2.x CLIP tokenizer built offline from the BPE merges shipped in msd_lora/assets/clip_bpe.
 
 Single-file checkpoints carry no tokenizer. OpenAI's `bpe_simple_vocab_16e6.txt.gz` defines it: the vocabulary
 is the 256 byte symbols, the same with the end-of-word mark `</w>`, one token per merge (the first 48,894
@@ -16,10 +16,28 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from msd_lora.models.tiny_tokenizer import BOS, END_OF_WORD, EOS, bytes_to_unicode
+import numpy as np
+
 from msd_lora.errors import UnwritablePathError
 
-BPE_FILE = Path(__file__).resolve().parents[1] / "assets/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
+END_OF_WORD = "</w>"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode symbols."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+BPE_FILE = Path(__file__).resolve().parent / "assets/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # what CLIP uses of the file
 
 
@@ -75,4 +93,19 @@ def tokenizer_folder(pad_token: str = EOS, model_max_length: int = 77) -> Path:
         except OSError:
             continue
     raise UnwritablePathError(f"cannot write the CLIP tokenizer files under {cache_root()} or the temp folder; "
-                  f"set MSD_LORA_CACHE to a writable folder")
+                              f"set MSD_LORA_CACHE to a writable folder")
+
+
+class PromptTokenizer:
+    """CLIP tokenizer of a model, returning fixed-length numpy ids both backends take."""
+
+    def __init__(self, tokenizer_dir: str | Path):
+        from transformers import CLIPTokenizer
+
+        self._tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self.max_length = int(self._tok.model_max_length)
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        ids = self._tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                        return_tensors="np").input_ids
+        return ids.astype(np.int64)

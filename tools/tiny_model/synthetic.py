@@ -122,19 +122,6 @@ def sepia(img: np.ndarray) -> np.ndarray:
     return (grey[..., None] * SEPIA + np.asarray([40, 20, 0], np.float32)).round().clip(0, 255).astype(np.uint8)
 
 
-def colour_signature(img: np.ndarray) -> np.ndarray:
-    """Mean R, G, B and mean saturation (max - min channel) of an image, in 0..255."""
-    pixels = img.reshape(-1, 3).astype(np.float32)
-    return np.append(pixels.mean(0), (pixels.max(1) - pixels.min(1)).mean())
-
-
-def style_distance(images, reference) -> float:
-    """Euclidean distance between the mean colour signatures of two image sets."""
-    a = np.mean([colour_signature(im) for im in images], axis=0)
-    b = np.mean([colour_signature(im) for im in reference], axis=0)
-    return float(np.linalg.norm(a - b))
-
-
 def render_generic(size: int, rng: np.random.Generator) -> np.ndarray:
     """Any colours, any stripes: broader than the captioned world, to train an autoencoder that generalises."""
     img = np.empty((size, size, 3), np.float32)
