@@ -15,7 +15,7 @@ import numpy as np
 from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, get_backend
 from msd_lora.checkpoint import RESUME_NAME, ResumeState, load_resume, save_resume
 from msd_lora.errors import ConfigError, LoraMismatchError, MissingPathError, ResumeError
-from msd_lora.config import Config, write_config
+from msd_lora.config import TrainConfig, write_config
 from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
 from msd_lora.data.dataset import CaptionedImageDataset
 from msd_lora.diffusion.schedule import NoiseSchedule
@@ -56,7 +56,7 @@ class TrainResult:
 class Trainer:
     """Holds one run's pieces; `run()` trains from step 0 or from the resume state."""
 
-    def __init__(self, cfg: Config, backend: Backend | None = None, show_progress: bool = True):
+    def __init__(self, cfg: TrainConfig, backend: Backend | None = None, show_progress: bool = True):
         self.cfg = cfg
         self.show_progress = show_progress
         self.output = ensure_writable_dir(cfg.output_path)
@@ -220,5 +220,5 @@ class Trainer:
         return paths
 
 
-def train(cfg: Config, show_progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:
     return Trainer(cfg, show_progress=show_progress).run()

@@ -1,24 +1,27 @@
 #!/usr/bin/env python
-"""Regenerate the option table in docs/configs.md from msd_lora.config.OPTIONS (a test checks it is current)."""
+"""Regenerate the option table in docs/configs.md from msd_lora.config.TrainConfig (a test checks it is current)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from msd_lora.config import REPO_ROOT, TrainConfig
+from msd_lora.options import fields_of, range_text, to_plain
 
-from msd_lora.config import OPTIONS  # noqa: E402
-
-DOC = REPO / "docs/configs.md"
+DOC = REPO_ROOT / "docs/configs.md"
 BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"
 
 
 def option_table() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, opt in OPTIONS.items():
-        meaning = opt.help + (f" (one of: {', '.join(map(str, opt.choices))})" if opt.choices else "")
-        rows.append(f"| `{key}` | {opt.kind.__name__} | `{opt.default!r}` | {meaning} |")
+    for key, info in fields_of(TrainConfig).items():
+        s = info.setting
+        meaning = s.help
+        if s.choices:
+            meaning += f" (one of: {', '.join(map(str, s.choices))})"
+        elif s.low is not None or s.high is not None:
+            meaning += f" ({range_text(s)})"
+        if s.path:
+            meaning += "; a path"
+        rows.append(f"| `{key}` | {info.type_name()} | `{to_plain(info.default)!r}` | {meaning} |")
     return "\n".join(rows)
 
 

@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from msd_lora.cli.errors import exits_on_user_error
-from msd_lora.config import REPO_ROOT, str_to_bool
+from msd_lora.config import REPO_ROOT
+from msd_lora.options import str_to_bool
 from msd_lora.data.prompts import read_prompts_file
 from msd_lora.diffusion.samplers import SAMPLERS
 from msd_lora.errors import ConfigError

@@ -83,8 +83,9 @@ def test_sample_errors_are_clear(tmp_path, tiny_model, capsys):
 
 
 def test_help_lists_every_option(capsys):
-    from msd_lora.config import OPTIONS
+    from msd_lora.config import TrainConfig
+    from msd_lora.options import fields_of
 
     assert train_main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert all(f"--{key}" in text for key in OPTIONS)
+    assert all(f"--{key}" in text for key in fields_of(TrainConfig)) and "--debug" in text

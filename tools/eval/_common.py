@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from msd_lora.config import str_to_bool
+from msd_lora.options import str_to_bool
 
 BACKEND_CHOICES = ("pt", "ms", "torch", "mindspore")
 
