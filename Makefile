@@ -22,15 +22,17 @@ install: $(STAMP)
 
 demo: install
 	$(PY) train_text_to_image.py --train_config configs/train/lora_tiny.yaml --backend $(BACKEND) \
-		--output_path $(DEMO_OUT)
+		--output_path $(DEMO_OUT) --overwrite True
 	$(PY) text_to_image.py --backend $(BACKEND) --data_path configs/prompts/tiny_sks.txt --n_samples 4 --n_iter 2 \
-		--grid_scale 4 --output_path $(DEMO_OUT)/samples_base
+		--grid_scale 4 --output_path $(DEMO_OUT)/samples_base --overwrite True
 	$(PY) text_to_image.py --backend $(BACKEND) --data_path configs/prompts/tiny_sks.txt --n_samples 4 --n_iter 2 \
-		--use_lora True --lora_ckpt_path $(DEMO_OUT)/lora.safetensors --grid_scale 4 --output_path $(DEMO_OUT)/samples_lora
+		--use_lora True --lora_ckpt_path $(DEMO_OUT)/lora.safetensors --grid_scale 4 --output_path $(DEMO_OUT)/samples_lora \
+		--overwrite True
 	$(PY) tools/compare_samples.py --reference msd_lora/assets/tiny_lora_data \
 		--samples $(DEMO_OUT)/samples_base $(DEMO_OUT)/samples_lora
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: install
@@ -50,13 +52,13 @@ EVAL_BACKEND ?= $(BACKEND)
 
 eval: install
 	$(PY) train_text_to_image.py --train_config configs/train/lora_tiny.yaml --backend $(EVAL_BACKEND) \
-		--output_path $(EVAL_OUT)/train
+		--output_path $(EVAL_OUT)/train --overwrite True
 	$(PY) tools/eval/make_random_feature_networks.py --output_path $(EVAL_OUT)/random_networks
 	$(PY) tools/eval/run_eval.py --config configs/train/lora_tiny.yaml --backend $(EVAL_BACKEND) \
 		--lora_ckpt_path $(EVAL_OUT)/train/lora.safetensors --prompts configs/prompts/tiny_sks.txt \
 		--real_dir msd_lora/assets/tiny_lora_data --n_samples 4 --n_iter 2 \
 		--inception_weights $(EVAL_OUT)/random_networks/inception_random.safetensors \
-		--clip_ckpt_path $(EVAL_OUT)/random_networks/clip_random --output_path $(EVAL_OUT)
+		--clip_ckpt_path $(EVAL_OUT)/random_networks/clip_random --output_path $(EVAL_OUT) --overwrite True
 
 # make xcheck-env: a separate venv with pytorch-fid, clean-fid, torchmetrics and torch-fidelity (they need
 # torchvision, which must never enter .venv). tests/eval drive it by subprocess when it exists, skip otherwise.

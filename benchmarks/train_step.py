@@ -4,16 +4,18 @@
     python benchmarks/train_step.py --backend torch [--models tiny sd15] [--repeats 10]
     python benchmarks/train_step.py --backend mindspore      # MindSpore, and torch in the same run for the ratio
 
-For each UNet (the embedded tiny one at 16x16 latents, and an SD1.5-size one, randomly initialised, at
-32x32 latents, batch 1) it times: a frozen forward; a frozen forward+backward (gradients to the input only:
-the floor any LoRA step pays); a full LoRA training step (forward, backward, AdamW on the LoRA weights:
-torch.optim.AdamW on torch, our compiled TrainStep with loss scaling and the overflow check on MindSpore);
-and the first call of each (on MindSpore it includes graph compilation, reported as compile time).
+The step timed is the one users run: the backend is built by `get_backend`, the model loaded by `load_model` from
+a diffusers folder, the LoRA chosen and initialised by `msd_lora.lora.spec` and injected by `Backend.add_lora`, the
+optimizer set by `configure_training`, and each step is `Backend.train_step` on a `StepBatch` (VAE encode, text
+encoder, UNet forward and backward, AdamW; on MindSpore the compiled TrainStep with loss scaling and the overflow
+check). Cases: the embedded tiny model at its 32-px images (16x16 latents), and an SD1.5-size model (randomly
+initialised, written once as a diffusers folder into a temporary folder) at 256 px (32x32 latents); batch 1.
 
-Each measurement runs in a fresh worker process (same inputs, one after the other), so memory peaks are
-comparable and no graph or allocator state carries over; the report gives each one's peak resident memory.
-With --backend mindspore the torch reference runs in the same invocation, and the JSON holds the
-MindSpore/torch ratio of every time.
+The floor beside it: `encode` (VAE posterior and text encoder, no gradient: every step pays it) and
+`frozen_forward_backward` (the UNet forward and backward with gradients to its input only: what any LoRA step pays
+on top); `forward` is the UNet forward alone (`Backend.denoise`, as sampling runs it). Each measurement runs in a
+fresh worker process (same inputs, one after the other), so memory peaks are comparable and no graph or allocator
+state carries over; the first call's time (on MindSpore: graph compilation) is reported apart.
 """
 from __future__ import annotations
 
@@ -24,20 +26,18 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-CASES = {  # name -> (model yaml, latent side, batch)
-    "tiny": ("configs/model/tiny.yaml", 16, 1),
-    "sd15": ("configs/model/v1-inference.yaml", 32, 1),
+CASES = {  # name -> (model yaml, image side, batch)
+    "tiny": ("configs/model/tiny.yaml", 32, 1),
+    "sd15": ("configs/model/v1-inference.yaml", 256, 1),
 }
-MEASUREMENTS = ("forward", "frozen_forward_backward", "lora_step")
+MEASUREMENTS = ("forward", "encode", "frozen_forward_backward", "train_step")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RANK = 4
 
@@ -55,166 +55,131 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def unet_config(case: str) -> dict:
-    return yaml.safe_load((REPO / CASES[case][0]).read_text())["unet"]
-
-
-def inputs(case: str) -> dict[str, np.ndarray]:
-    """The same numbers for both backends: latents, timestep, text context, regression target."""
-    _, side, batch = CASES[case]
-    config = unet_config(case)
-    rng = np.random.default_rng(0)
-    shape = (batch, config["in_channels"], side, side)
-    return {"x": rng.standard_normal(shape).astype(np.float32), "t": np.full(batch, 500, np.int64),
-            "context": rng.standard_normal((batch, 77, config["cross_attention_dim"])).astype(np.float32),
-            "target": rng.standard_normal(shape).astype(np.float32)}
-
-
-def lora_setup(linear_shapes: dict[str, tuple[int, int]]):
-    from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
-
-    spec = LoraSpec(rank=RANK, alpha=float(RANK), targets={"unet": UNET_TARGETS})
-    shapes = {"unet": linear_shapes}
-    targets = select_targets(spec, shapes)
-    return spec, targets, init_lora_weights(spec, targets, shapes, 0)
-
-
-# --- torch ------------------------------------------------------------------------------------------------------
-
-def torch_measurement(case: str, measurement: str) -> tuple:
-    """(callable to time, UNet parameter count, LoRA parameter count)."""
+def write_random_model(case: str, folder: Path) -> Path:
+    """A diffusers folder of the case's architecture with random weights of SD-like magnitude (torch's init)."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from msd_lora.backends.torch import lora as torch_lora
+    from msd_lora.models.diffusers_writer import write_diffusers_folder
+    from msd_lora.models.model_config import load_model_config
+    from msd_lora.models.pretrained import PretrainedModel
+    from msd_lora.models.single_file import network_configs, tokenizer_for
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config(case)).eval().requires_grad_(False)
-    params = sum(p.numel() for p in unet.parameters())
-    data = {k: torch.from_numpy(v) for k, v in inputs(case).items()}
-    x, t, context = data["x"], data["t"], data["context"]
-    if measurement == "forward":
-        def forward():
-            with torch.no_grad():
-                unet(x, t, context)
-        return forward, params, 0
-    if measurement == "frozen_forward_backward":
-        def frozen_forward_backward():
-            xi = x.clone().requires_grad_(True)
-            unet(xi, t, context).sample.float().pow(2).mean().backward()
-        return frozen_forward_backward, params, 0
-    spec, targets, init = lora_setup({n: (m.out_features, m.in_features) for n, m in unet.named_modules()
-                                      if isinstance(m, torch.nn.Linear)})
-    torch_lora.inject(unet, spec, targets["unet"])
-    lora = torch_lora.lora_parameters(unet, "unet")
-    torch_lora.write_weights(lora, init)
-    for p in lora.values():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(lora.values(), lr=1e-4)
-
-    def lora_step():
-        loss = torch.nn.functional.mse_loss(unet(x, t, context).sample, data["target"])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return lora_step, params, int(sum(p.numel() for p in lora.values()))
+    cfg = load_model_config(REPO / CASES[case][0])
+    configs = network_configs(cfg)
+    networks = {"unet": UNet2DConditionModel(**configs["unet"]), "vae": AutoencoderKL(**configs["vae"]),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))}
+    state = {n: {k: v.numpy() for k, v in m.state_dict().items() if not k.endswith("position_ids")}
+             for n, m in networks.items()}
+    model = PretrainedModel(source=case, configs=configs, state=state, tokenizer_dir=tokenizer_for(cfg))
+    return write_diffusers_folder(model, cfg, folder)
 
 
-# --- MindSpore --------------------------------------------------------------------------------------------------
+def model_path(case: str, scratch: Path) -> Path:
+    return REPO / "msd_lora/assets/tiny_sd" if case == "tiny" else scratch / case
 
-def mindspore_measurement(case: str, measurement: str) -> tuple:
-    """(callable to time, UNet parameter count, LoRA parameter count), on mindone's UNet and our train step."""
-    import mindspore as ms
-    from mindone.diffusers import UNet2DConditionModel
-    from mindspore import Tensor, mint, nn
 
-    from msd_lora.backends.base import OptimizerSettings
-    from msd_lora.backends.mindspore import lora as ms_lora
-    from msd_lora.backends.mindspore.backend import configure_context
-    from msd_lora.backends.mindspore.step import FlatLayout, TrainStep
+def setup(backend_name: str, case: str, path: Path):
+    """(backend with the LoRA injected and training configured, a StepBatch, UNet parameter count), the way the
+    Trainer builds them."""
+    from msd_lora.backends.base import BackendOptions, OptimizerSettings, StepBatch, get_backend
+    from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
+    from msd_lora.models.pretrained import load_model
+    from msd_lora.tokenizer import PromptTokenizer
 
-    configure_context(0, "cpu")
-    unet = UNet2DConditionModel.from_config(unet_config(case))
-    unet.set_train(False)
+    pretrained, cfg = load_model(path, REPO / CASES[case][0])
+    tokenizer = PromptTokenizer(pretrained.tokenizer_dir)
+    unet_params = int(sum(np.prod(v.shape) for v in pretrained.state["unet"].values()))
+    backend = get_backend(backend_name, BackendOptions(device="cpu"))
+    info = backend.load_model(pretrained, cfg.prediction_type)
+    spec = LoraSpec(rank=RANK, alpha=float(RANK), targets={"unet": UNET_TARGETS})
+    shapes = backend.linear_shapes()
+    targets = select_targets(spec, shapes)
+    backend.add_lora(spec, targets, init_lora_weights(spec, targets, shapes, 0))
+    backend.configure_training(OptimizerSettings(
+        betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, clip_grad=False, max_grad_norm=1.0,
+        loss_scaler_type="dynamic", init_loss_scale=65536.0, loss_scale_factor=2.0, scale_window=1000,
+        use_ema=False, ema_decay=0.9999))
+    _, side, batch = CASES[case]
     rng = np.random.default_rng(0)
-    for param in unet.get_parameters():  # finite, SD-like magnitudes; the values do not matter for timing
-        param.set_data(Tensor(rng.standard_normal(param.shape, np.float32) * 0.02))
-        param.requires_grad = False
-    params = sum(int(np.prod(p.shape)) for p in unet.get_parameters())
-    data = {k: Tensor(v) for k, v in inputs(case).items()}
-    x, t, context = data["x"], data["t"].astype(ms.float32), data["context"]
-
-    class Forward(nn.Cell):
-        def __init__(self):
-            super().__init__(auto_prefix=False)
-            self.unet = unet
-
-        def construct(self, x, t, context):
-            return self.unet(x, t, context)[0]
-
-    class Loss(nn.Cell):
-        def __init__(self):
-            super().__init__(auto_prefix=False)
-            self.forward = Forward()
-
-        def construct(self, x, t, context, target):
-            return ((self.forward(x, t, context) - target) ** 2).mean()
-
-    if measurement == "forward":
-        forward = Forward()
-        return (lambda: forward(x, t, context).asnumpy()), params, 0
-    if measurement == "frozen_forward_backward":
-        forward = Forward()
-
-        def frozen_objective(x, t, context):
-            return (forward(x, t, context) ** 2).mean()
-        gradient = ms.jit(ms.grad(frozen_objective, 0))
-        return (lambda: gradient(x, t, context).asnumpy()), params, 0
-    spec, targets, init = lora_setup({n: tuple(c.weight.shape) for n, c in unet.cells_and_names()
-                                      if isinstance(c, (mint.nn.Linear, nn.Dense))})
-    cells = ms_lora.inject(unet, "unet", targets["unet"], spec)
-    ms_lora.write_weights(cells, init)
-    items = [(f"{k}.lora_{p}.weight", getattr(c, "lora_down" if p == "A" else "lora_up"))
-             for k, c in cells.items() for p in "AB"]
-    for _, param in items:
-        param.requires_grad = True
-    settings = OptimizerSettings(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, clip_grad=False, max_grad_norm=1.0,
-                                 loss_scaler_type="dynamic", init_loss_scale=65536.0, loss_scale_factor=2.0,
-                                 scale_window=1000, use_ema=False, ema_decay=0.9999)
-    layout = FlatLayout(names=tuple(k for k, _ in items), shapes=tuple(tuple(p.shape) for _, p in items))
-    step = TrainStep(Loss(), [p for _, p in items], layout, settings)
-    one, lr, update = Tensor(1.0, ms.float32), Tensor(1e-4, ms.float32), Tensor(True)
-    lora_params = int(sum(np.prod(p.shape) for _, p in items))
-    return (lambda: step(one, lr, update, x, t, context, data["target"])[0].asnumpy()), params, lora_params
+    latent = info.latent_shape(batch, side)
+    timesteps = np.full(batch, 500, np.int64)
+    sqrt_alpha, sqrt_one_minus = cfg.noise_schedule().coefficients(timesteps)
+    data = StepBatch(pixels=np.tanh(rng.standard_normal((batch, 3, side, side))).astype(np.float32),
+                     token_ids=tokenizer(["a red circle on a blue background"] * batch),
+                     posterior_noise=rng.standard_normal(latent).astype(np.float32),
+                     noise=rng.standard_normal(latent).astype(np.float32), timesteps=timesteps,
+                     sqrt_alpha=sqrt_alpha, sqrt_one_minus_alpha=sqrt_one_minus)
+    return backend, data, unet_params
 
 
-def worker(backend: str, case: str, measurement: str, repeats: int) -> dict:
-    build = torch_measurement if backend == "torch" else mindspore_measurement
-    fn, params, lora_params = build(case, measurement)
+def unet_forward_backward(backend, latents: np.ndarray, context):
+    """The UNet forward and backward with gradients to its input only (no LoRA gradient): the floor."""
+    if backend.name == "torch":
+        x = backend.tensor(latents)
+        t = backend.tensor(np.full(len(latents), 500, np.int64))
+
+        def step():
+            xi = x.clone().requires_grad_(True)
+            backend.unet(xi, t, context).sample.float().pow(2).mean().backward()
+        return step
+    import mindspore as ms
+
+    x, t = ms.Tensor(latents), ms.Tensor(np.full(len(latents), 500, np.float32))
+    grad = ms.jit(ms.grad(lambda x, t, c: (backend.unet(x, t, c)[0] ** 2).mean(), 0))
+    return lambda: grad(x, t, context).asnumpy()
+
+
+def measurement(backend_name: str, case: str, name: str, path: Path):
+    """(callable to time, UNet parameter count, LoRA parameter count)."""
+    from msd_lora.backends.probe import probe_for
+    from msd_lora.lora.core import to_tensors
+
+    backend, data, unet_params = setup(backend_name, case, path)
+    lora_params = int(sum(v.size for v in to_tensors(backend.lora_weights()).values()))
+    context = backend.encode_prompts(data.token_ids)
+    latents = data.noise
+    numpy = lambda tensor: tensor.asnumpy() if hasattr(tensor, "asnumpy") else tensor.detach().cpu().numpy()  # noqa
+    if name == "forward":
+        fn = lambda: numpy(backend.denoise(backend.tensor(latents), 500, [context])[0])  # noqa: E731
+    elif name == "encode":
+        probe = probe_for(backend)
+        fn = lambda: (numpy(probe.encode_images(data.pixels, data.posterior_noise)),  # noqa: E731
+                      numpy(backend.encode_prompts(data.token_ids)))
+    elif name == "frozen_forward_backward":
+        fn = unet_forward_backward(backend, latents, context)
+    else:
+        fn = lambda: backend.train_step(data, 1e-4, update=True, accumulation=1)  # noqa: E731
+    return fn, unet_params, lora_params
+
+
+def worker(backend: str, case: str, name: str, path: str, repeats: int) -> dict:
+    fn, params, lora_params = measurement(backend, case, name, Path(path))
     first, median = timed(fn, repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return {"first_ms": round(first, 1), "median_ms": round(median, 2), "peak_rss_mb": round(peak_mb),
             "unet_params": params, "lora_params": lora_params}
 
 
-def run_worker(backend: str, case: str, measurement: str, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--worker", backend, case, measurement, "--repeats", str(repeats)]
+def run_worker(backend: str, case: str, name: str, path: Path, repeats: int) -> dict:
+    command = [sys.executable, __file__, "--worker", backend, case, name, str(path), "--repeats", str(repeats)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{backend} {case} {measurement} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{backend} {case} {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_case(backend: str, case: str, repeats: int) -> dict:
-    runs = {m: run_worker(backend, case, m, repeats) for m in MEASUREMENTS}
+def measure_case(backend: str, case: str, path: Path, repeats: int) -> dict:
+    runs = {m: run_worker(backend, case, m, path, repeats) for m in MEASUREMENTS}
     _, side, batch = CASES[case]
     ms = {m: runs[m]["median_ms"] for m in MEASUREMENTS}
-    result = {"model": case, "latent_side": side, "batch": batch, "unet_params": runs["forward"]["unet_params"],
-              "lora_params": runs["lora_step"]["lora_params"], "forward_ms": ms["forward"],
-              "frozen_forward_backward_ms": ms["frozen_forward_backward"], "lora_step_ms": ms["lora_step"],
-              "first_lora_step_ms": runs["lora_step"]["first_ms"],
-              "lora_step_over_frozen_forward_backward": round(ms["lora_step"] / ms["frozen_forward_backward"], 3),
-              "lora_step_over_forward": round(ms["lora_step"] / ms["forward"], 3),
+    floor = ms["encode"] + ms["frozen_forward_backward"]
+    result = {"model": case, "image_side": side, "batch": batch, "unet_params": runs["forward"]["unet_params"],
+              "lora_params": runs["train_step"]["lora_params"], **{f"{m}_ms": ms[m] for m in MEASUREMENTS},
+              "first_train_step_ms": runs["train_step"]["first_ms"],
+              "train_step_over_floor": round(ms["train_step"] / floor, 3),
               "peak_rss_mb": {m: runs[m]["peak_rss_mb"] for m in MEASUREMENTS}}
     if backend == "mindspore":
         result["compile_ms"] = {m: round(runs[m]["first_ms"] - runs[m]["median_ms"], 1) for m in MEASUREMENTS}
@@ -222,8 +187,7 @@ def measure_case(backend: str, case: str, repeats: int) -> dict:
 
 
 def ratios(ours: dict, reference: dict) -> dict:
-    keys = ("forward_ms", "frozen_forward_backward_ms", "lora_step_ms")
-    return {k[: -len("_ms")]: round(ours[k] / reference[k], 3) for k in keys}
+    return {m: round(ours[f"{m}_ms"] / reference[f"{m}_ms"], 3) for m in MEASUREMENTS}
 
 
 def main() -> None:
@@ -232,7 +196,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=str(REPO / "benchmarks/results"))
-    p.add_argument("--worker", nargs=3, metavar=("BACKEND", "CASE", "MEASUREMENT"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=4, metavar=("BACKEND", "CASE", "MEASUREMENT", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.repeats)))
@@ -241,20 +205,25 @@ def main() -> None:
 
     report = {"benchmark": "train_step", "backend": args.backend, "device": "cpu", "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "repeats": args.repeats, "lora": {"rank": RANK, "targets": list(UNET_TARGETS)}}
+              "repeats": args.repeats, "lora": {"rank": RANK, "targets": list(UNET_TARGETS)},
+              "floor": "encode + frozen_forward_backward"}
     if args.backend == "mindspore":
         import mindspore
 
         report["mindspore"] = mindspore.__version__
     cases = []
-    for case in args.models:
-        reference = measure_case("torch", case, args.repeats)
-        if args.backend == "torch":
-            cases.append(reference)
-            continue
-        ours = measure_case("mindspore", case, args.repeats)
-        cases.append({"model": case, "mindspore": ours, "torch": reference,
-                      "mindspore_over_torch": ratios(ours, reference)})
+    with tempfile.TemporaryDirectory(prefix="msd_lora_bench_") as scratch:
+        for case in args.models:
+            path = model_path(case, Path(scratch))
+            if case != "tiny":
+                write_random_model(case, path)
+            reference = measure_case("torch", case, path, args.repeats)
+            if args.backend == "torch":
+                cases.append(reference)
+                continue
+            ours = measure_case("mindspore", case, path, args.repeats)
+            cases.append({"model": case, "mindspore": ours, "torch": reference,
+                          "mindspore_over_torch": ratios(ours, reference)})
     report["cases"] = cases
     out = Path(args.out) / f"train_step_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

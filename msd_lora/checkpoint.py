@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from msd_lora.errors import ResumeError, TensorFileError
 from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
 from msd_lora.lora.core import LoraWeights, from_tensors, to_tensors
-from msd_lora.errors import ResumeError, TensorFileError
 
 RESUME_FORMAT = "msd_lora.resume/1"
 RESUME_NAME = "train_resume.safetensors"

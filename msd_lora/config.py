@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -107,7 +108,7 @@ class TrainConfig:
     validation_guidance_scale: float = setting(5.0, "classifier-free guidance for validation images", low=0.0,
                                                high=100.0)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with `changes`, checked like any other value."""
         check_keys(TrainConfig, changes, "replace()")
         values = {**self.to_dict(), **changes}

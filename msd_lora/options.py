@@ -20,8 +20,9 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 

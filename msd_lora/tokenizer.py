@@ -1,4 +1,5 @@
-"""Prompts to token ids: `PromptTokenizer`, and the SD 1.x / 2.x CLIP tokenizer built offline from the BPE merges shipped in msd_lora/assets/clip_bpe.
+"""Prompts to token ids: `PromptTokenizer`, and the SD 1.x / 2.x CLIP tokenizer built offline from the BPE merges
+shipped in msd_lora/assets/clip_bpe.
 
 Single-file checkpoints carry no tokenizer. OpenAI's `bpe_simple_vocab_16e6.txt.gz` defines it: the vocabulary
 is the 256 byte symbols, the same with the end-of-word mark `</w>`, one token per merge (the first 48,894
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from msd_lora.errors import UnwritablePathError
 
 END_OF_WORD = "</w>"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -71,11 +74,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("MSD_LORA_CACHE", Path.home() / ".cache" / "msd_lora"))
 
 
-def tokenizer_folder(pad_token: str = EOS, model_max_length: int = 77) -> Path:
-    """A folder CLIPTokenizer loads, built once per (pad token, length) under the cache (or a temp folder)."""
-    digest = hashlib.sha256(BPE_FILE.read_bytes()).hexdigest()[:12]
-    pad_id = hashlib.sha256(pad_token.encode()).hexdigest()[:8]
-    name = f"clip_tokenizer-{digest}-pad{pad_id}-{model_max_length}"
+def cached_folder(name: str, write: Callable[[Path], None]) -> Path:
+    """The folder `name` under the cache (or, where that is not writable, the temp folder), built once by
+    `write(folder)` beside it and renamed into place, so readers never see a half-written one."""
     for root in (cache_root(), Path(tempfile.gettempdir()) / "msd_lora"):
         target = root / name
         if (target / "tokenizer_config.json").is_file():
@@ -83,7 +84,7 @@ def tokenizer_folder(pad_token: str = EOS, model_max_length: int = 77) -> Path:
         try:
             root.mkdir(parents=True, exist_ok=True)
             building = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-            write_tokenizer(building, pad_token, model_max_length)
+            write(building)
             try:
                 os.replace(building, target)
             except OSError:  # another process finished first
@@ -92,8 +93,43 @@ def tokenizer_folder(pad_token: str = EOS, model_max_length: int = 77) -> Path:
                 return target
         except OSError:
             continue
-    raise UnwritablePathError(f"cannot write the CLIP tokenizer files under {cache_root()} or the temp folder; "
-                              f"set MSD_LORA_CACHE to a writable folder")
+    raise UnwritablePathError(f"cannot write the tokenizer files under {cache_root()} or the temp folder; set "
+                              f"MSD_LORA_CACHE to a writable folder")
+
+
+def tokenizer_folder(pad_token: str = EOS, model_max_length: int = 77) -> Path:
+    """The standard CLIP tokenizer as a folder CLIPTokenizer loads, built once per (pad token, length)."""
+    digest = hashlib.sha256(BPE_FILE.read_bytes()).hexdigest()[:12]
+    pad_id = hashlib.sha256(pad_token.encode()).hexdigest()[:8]
+    return cached_folder(f"clip_tokenizer-{digest}-pad{pad_id}-{model_max_length}",
+                         lambda folder: write_tokenizer(folder, pad_token, model_max_length))
+
+
+def tokenizer_files(folder: str | Path) -> dict[str, str]:
+    """The text of each tokenizer file a folder holds."""
+    return {name: (Path(folder) / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
+            if (Path(folder) / name).is_file()}
+
+
+def folder_from_files(files: dict[str, str]) -> Path:
+    """A tokenizer folder holding exactly `files` (name -> text), built once per content."""
+    unknown = sorted(set(files) - set(TOKENIZER_FILES))
+    if unknown or "vocab.json" not in files:
+        raise ValueError(f"not a CLIP tokenizer's files: {sorted(files)}")
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+    def write(folder: Path) -> None:
+        for name, text in files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+
+    return cached_folder(f"tokenizer-{digest}", write)
+
+
+def is_standard_clip(folder: str | Path) -> bool:
+    """Whether a tokenizer has the standard CLIP vocabulary and merges (SD 1.x / 2.x), no added tokens."""
+    standard = tokenizer_files(tokenizer_folder())
+    mine = tokenizer_files(folder)
+    return "added_tokens.json" not in mine and all(mine.get(n) == standard[n] for n in ("vocab.json", "merges.txt"))
 
 
 class PromptTokenizer:

@@ -3,34 +3,51 @@
 Everything random is drawn here in numpy from the seed and the micro-step index (batch order, crops,
 timesteps, diffusion noise, VAE posterior noise), so a resumed run continues bit-exactly and two backends
 see the same numbers. The backend only runs the networks and the optimizer.
+
+A run owns its output folder (`msd_lora.output_folder`): a folder holding another run is refused unless the run
+resumes it or overwrites it, and it is locked while the run trains. Ctrl-C finishes the current step, saves a
+checkpoint and says how to resume (a second Ctrl-C stops at once).
 """
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from msd_lora.backends.base import Backend, ModelInfo, OptimizerSettings, StepBatch, get_backend
+from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, get_backend
 from msd_lora.checkpoint import RESUME_NAME, ResumeState, load_resume, save_resume
-from msd_lora.errors import ConfigError, LoraMismatchError, MissingPathError, ResumeError
 from msd_lora.config import TrainConfig, write_config
 from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
 from msd_lora.data.dataset import CaptionedImageDataset
-from msd_lora.diffusion.schedule import NoiseSchedule
-from msd_lora.files.atomic import ensure_writable_dir
+from msd_lora.errors import ConfigError, LoraMismatchError, ResumeError
+from msd_lora.files.atomic import atomic_write_text
+from msd_lora.lora.formats import lora_file_path, write_lora
 from msd_lora.lora.init_from import start_from_file
-from msd_lora.lora.formats import write_lora
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
 from msd_lora.lr_schedule import learning_rate
 from msd_lora.models.pretrained import load_model
+from msd_lora.output_folder import OutputFolder
+from msd_lora.sample import Pipeline, SamplingOptions, generate, image_grid, save_png
 from msd_lora.tokenizer import PromptTokenizer
-from msd_lora.sample import SamplingSettings, generate, image_grid, save_png
 from msd_lora.train_log import TrainLog
 
 NOISE_STREAM = 0x5EED  # keeps the noise stream apart from the data-order stream [seed, epoch]
+RUN_OUTPUTS = ("lora.safetensors", "lora_mindone.ckpt", "train_config.yaml", "train_log.csv", "ckpt", "validation",
+               "tensorboard")
+VALIDATION_IMAGES = 4  # per validation prompt
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the run stopped after a finished step, with a checkpoint saved (the message says how to resume)."""
 
 
 @dataclass(frozen=True)
@@ -59,33 +76,42 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, backend: Backend | None = None, show_progress: bool = True):
         self.cfg = cfg
         self.show_progress = show_progress
-        self.output = ensure_writable_dir(cfg.output_path)
-        if cfg.init_lora_path and not Path(cfg.init_lora_path).exists():
-            raise MissingPathError(f"init_lora_path {cfg.init_lora_path} does not exist")
+        self.folder = OutputFolder(cfg.output_path, RUN_OUTPUTS, "training run", overwrite=cfg.overwrite,
+                                   resume=cfg.resume is not False)
+        self.folder.check()  # before minutes of loading: a folder holding another run is refused now
+        self.output = Path(cfg.output_path)
+        if not cfg.data_path:
+            raise ConfigError("data_path is not set: give --data_path FOLDER (or data_path: in the yaml), a folder "
+                              "with img_txt.csv and its images")
+        if cfg.init_lora_path:
+            lora_file_path(cfg.init_lora_path)  # exists: checked before the model loads
         pretrained, self.model_config = load_model(cfg.pretrained_model_path, cfg.model_config or None)
-        self.schedule: NoiseSchedule = self.model_config.noise_schedule()
+        self.schedule = self.model_config.noise_schedule()
         self.notes = [pretrained.metadata["note"]] if pretrained.metadata.get("note") else []
-        self.module_index = index = ModuleIndex.for_model(pretrained.configs)
+        self.module_index = ModuleIndex.for_model(pretrained.configs)
         self.dataset = CaptionedImageDataset(cfg.data_path, cfg.image_size, random_crop=cfg.random_crop,
                                              flip=cfg.flip)
         self.order = BatchOrder(len(self.dataset), cfg.train_batch_size, cfg.seed)
         self.tokenizer = PromptTokenizer(pretrained.tokenizer_dir)
-        self.backend = backend or get_backend(cfg.backend, device=cfg.device, mixed_precision=cfg.mixed_precision,
-                                              mode=cfg.mode, enable_flash_attention=cfg.enable_flash_attention)
-        self.info: ModelInfo = self.backend.load_model(pretrained, self.model_config.prediction_type)
+        self.backend = backend or get_backend(cfg.backend, BackendOptions.from_config(cfg))
+        self.info = self.backend.load_model(pretrained, self.model_config.prediction_type)
         if cfg.image_size % self.info.vae_scale_factor:
             raise ConfigError(f"image_size {cfg.image_size} is not a multiple of the VAE's downscale factor "
-                             f"{self.info.vae_scale_factor}")
+                              f"{self.info.vae_scale_factor}")
+        self.pipeline = Pipeline(self.backend, self.info, self.tokenizer, self.schedule, cfg.image_size,
+                                 self.module_index)
+        self.pipeline.check(self.validation_options())  # a bad validation setting fails now, not after training
         self.spec = LoraSpec.from_config(cfg)
         shapes = self.backend.linear_shapes()
         targets = select_targets(self.spec, shapes)
         initial = init_lora_weights(self.spec, targets, shapes, cfg.seed)
         if cfg.init_lora_path:
-            initial, message = start_from_file(cfg.init_lora_path, initial, self.spec, index)
+            initial, message = start_from_file(cfg.init_lora_path, initial, self.spec, self.module_index)
             self.notes.append(message)
         self.backend.add_lora(self.spec, targets, initial)
         self.backend.configure_training(OptimizerSettings.from_config(cfg))
         self.plan = self._plan()
+        self._stop_requested = False
 
     def _plan(self) -> RunPlan:
         cfg, micro = self.cfg, self.order.steps_per_epoch
@@ -111,6 +137,7 @@ class Trainer:
                          noise=noise, timesteps=timesteps, sqrt_alpha=sqrt_alpha, sqrt_one_minus_alpha=sqrt_one_minus)
 
     def lr_at(self, step: int) -> float:
+        """The learning rate of 0-based optimizer step `step`."""
         cfg = self.cfg
         return learning_rate(step, self.plan.total_steps, cfg.scheduler, cfg.start_learning_rate,
                              cfg.end_learning_rate, cfg.warmup_steps, cfg.decay_steps)
@@ -164,60 +191,120 @@ class Trainer:
 
     # --- loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        write_config(self.cfg, self.output / "train_config.yaml")
-        messages: list[str] = list(self.notes)
-        start, skipped = self._restore(messages.append)
-        log = TrainLog(self.output, self.plan.total_steps, start, show_progress=self.show_progress)
-        for text in messages:
-            log.message(text)
-        loss = float("nan")
-        accumulation = self.plan.accumulation
-        try:
-            for step in range(start, self.plan.total_steps):
-                lr = self.lr_at(step)
-                losses = []
-                for k in range(accumulation):
-                    result = self.backend.train_step(self.micro_batch(step * accumulation + k), lr,
-                                                     update=k == accumulation - 1, accumulation=accumulation)
-                    losses.append(result.loss)
-                loss = float(np.mean(losses))
-                skipped += int(result.overflow)
-                if result.overflow:
-                    log.message(f"step {step + 1}: gradients not finite, update skipped (loss scale "
-                                f"{result.loss_scale:g}, {skipped} skipped so far)")
-                done = step + 1
-                log.step({"step": done, "epoch": round(self.plan.epoch_of(done), 4), "loss": loss, "lr": lr,
-                          "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
-                          "overflow": int(result.overflow), "skipped_steps": skipped},
-                         write=done % self.cfg.log_interval == 0 or done == self.plan.total_steps)
-                if self._checkpoint_due(done) or done == self.plan.total_steps:
-                    self.save_checkpoint(done, skipped)
-        finally:
-            log.close()
-        lora_path = self.save_lora(self.output / "lora.safetensors", self.plan.total_steps)
-        native = self.backend.save_native_lora(str(self.output / "lora_mindone.ckpt"),
-                                               self.backend.lora_weights(ema=self.cfg.use_ema), self.module_index)
-        if native:
-            log.message(f"also saved in mindone's LoRA format: {native}")
-        self.write_validation_samples()
+        with self.folder.claimed(), stop_after_the_step_on_ctrl_c(self._request_stop):
+            messages = [f"replacing the previous run in {self.output} ({', '.join(self.folder.replaced)})"] \
+                if self.folder.replaced else []
+            write_config(self.cfg, self.output / "train_config.yaml")
+            messages += self.notes
+            start, skipped = self._restore(messages.append)
+            log = TrainLog(self.output, self.plan.total_steps, start, show_progress=self.show_progress)
+            try:
+                for text in messages:
+                    log.message(text)
+                done, skipped, loss = self._train(log, start, skipped)
+                if done < self.plan.total_steps:
+                    self._stop(log, done, start, skipped)
+                lora_path = self.save_lora(self.output / "lora.safetensors", self.plan.total_steps)
+                native = self.backend.save_native_lora(str(self.output / "lora_mindone.ckpt"),
+                                                       self.backend.lora_weights(ema=self.cfg.use_ema),
+                                                       self.module_index)
+                if native:
+                    log.message(f"also saved in mindone's LoRA format: {native}")
+            finally:
+                log.close()
+            self.write_validation_samples()
         return TrainResult(self.output, lora_path, self.plan.total_steps, skipped, loss)
+
+    def _train(self, log: TrainLog, start: int, skipped: int) -> tuple[int, int, float]:
+        """Optimizer steps from `start` until the plan's end or a Ctrl-C: (steps done, skipped so far, last loss)."""
+        loss, accumulation, done = float("nan"), self.plan.accumulation, start
+        compiling = self.backend.compiles_graphs and start < self.plan.total_steps
+        if compiling:
+            log.message(f"{self.backend.name}: compiling the training graph on the first step (about 30 s for the "
+                        f"tiny model, minutes for SD-size models; once per run)")
+            log.bar.set_description("train (compiling)")
+            began = time.time()
+        for step in range(start, self.plan.total_steps):
+            if self._stop_requested:
+                break
+            lr = self.lr_at(step)
+            losses = []
+            for k in range(accumulation):
+                result = self.backend.train_step(self.micro_batch(step * accumulation + k), lr,
+                                                 update=k == accumulation - 1, accumulation=accumulation)
+                losses.append(result.loss)
+            if compiling:
+                log.bar.set_description("train")
+                log.message(f"{self.backend.name}: graph compiled, first step took {time.time() - began:.0f} s")
+                compiling = False
+            loss = float(np.mean(losses))
+            skipped += int(result.overflow)
+            if result.overflow:
+                log.message(f"step {step + 1}: gradients not finite, update skipped (loss scale "
+                            f"{result.loss_scale:g}, {skipped} skipped so far)")
+            done = step + 1
+            log.step({"step": done, "epoch": round(self.plan.epoch_of(done), 4), "loss": loss, "lr": lr,
+                      "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
+                      "overflow": int(result.overflow), "skipped_steps": skipped},
+                     write=done % self.cfg.log_interval == 0 or done == self.plan.total_steps)
+            if self._checkpoint_due(done) or done == self.plan.total_steps:
+                self.save_checkpoint(done, skipped)
+        return done, skipped, loss
+
+    def _request_stop(self) -> None:
+        self._stop_requested = True
+
+    def _stop(self, log: TrainLog, done: int, start: int, skipped: int) -> None:
+        """After a Ctrl-C: a checkpoint at the last finished step, and how to go on."""
+        if done > start and not (self._checkpoint_due(done) or done == self.plan.total_steps):
+            self.save_checkpoint(done, skipped)
+        where = f"checkpoint at step {done} in {self.resume_path.parent}" if done > 0 else "nothing to save yet"
+        text = (f"stopped by Ctrl-C after step {done} of {self.plan.total_steps} ({where}); to continue, run the same "
+                f"command with --resume True")
+        log.message(text)
+        raise TrainingInterrupted(text)
+
+    def validation_options(self) -> SamplingOptions:
+        cfg = self.cfg
+        return SamplingOptions(sampler=cfg.validation_sampler, steps=cfg.validation_steps,
+                               guidance_scale=cfg.validation_guidance_scale, height=cfg.image_size,
+                               width=cfg.image_size, seed=cfg.seed, n_samples=VALIDATION_IMAGES)
 
     def write_validation_samples(self) -> list[Path]:
         """A grid per validation prompt (default: the dataset's first two captions), with the trained LoRA."""
         prompts = list(self.cfg.validation_prompts) or list(dict.fromkeys(self.dataset.captions))[:2]
-        settings = SamplingSettings(sampler=self.cfg.validation_sampler, steps=self.cfg.validation_steps,
-                                    guidance_scale=self.cfg.validation_guidance_scale, height=self.cfg.image_size,
-                                    width=self.cfg.image_size, seed=self.cfg.seed)
+        options = self.validation_options()
         if self.cfg.use_ema:
             self.backend.set_lora_weights(self.backend.lora_weights(ema=True))
         paths = []
         for i, prompt in enumerate(prompts):
-            images = generate(self.backend, self.info, self.tokenizer, self.schedule, prompt, 4, settings, i)
+            images = generate(self.pipeline, prompt, VALIDATION_IMAGES, options, i)
             path = self.output / "validation" / f"prompt{i:02d}.png"
             save_png(path, image_grid(images), upscale=max(1, 128 // self.cfg.image_size))
             paths.append(path)
-        (self.output / "validation" / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        atomic_write_text(self.output / "validation" / "prompts.txt", "\n".join(prompts) + "\n")
         return paths
+
+
+@contextmanager
+def stop_after_the_step_on_ctrl_c(request_stop: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, a first Ctrl-C calls `request_stop` (the loop stops after the current step); a second
+    one raises KeyboardInterrupt at once. Only in the main thread, where signal handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame) -> None:
+        request_stop()
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train(cfg: TrainConfig, show_progress: bool = True) -> TrainResult:

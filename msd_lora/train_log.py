@@ -5,6 +5,8 @@ import csv
 import time
 from pathlib import Path
 
+from msd_lora.output_folder import open_for_writing
+
 COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "overflow", "skipped_steps", "elapsed_s"]
 
 
@@ -16,7 +18,7 @@ class TrainLog:
         fresh = start_step == 0 or not self.csv_path.exists()
         if not fresh:
             self._truncate_after(start_step)
-        self.file = open(self.csv_path, "w" if fresh else "a", newline="")
+        self.file = open_for_writing(self.csv_path, append=not fresh)
         self.writer = csv.DictWriter(self.file, COLUMNS)
         if fresh:
             self.writer.writeheader()
@@ -29,7 +31,7 @@ class TrainLog:
         """Drop rows past the resumed step: they belong to the work the resume discards."""
         with open(self.csv_path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with open(self.csv_path, "w", newline="") as f:
+        with open_for_writing(self.csv_path) as f:
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()
             writer.writerows(rows)

@@ -12,14 +12,10 @@ layout. diffusers and kohya keep alpha exactly; old diffusers and mindone fold a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
-from msd_lora.lora.formats import FORMATS, read_lora, write_lora  # noqa: E402
-from msd_lora.lora.module_index import ModuleIndex  # noqa: E402
+from msd_lora.cli.errors import add_debug_flag, exits_on_user_error
+from msd_lora.lora.formats import FORMATS, read_lora, write_lora
+from msd_lora.lora.module_index import ModuleIndex
 
 
 def module_index(base: str, model_config: str) -> ModuleIndex:
@@ -43,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="", help="base model the LoRA belongs to (for its layer names)")
     p.add_argument("--model_config", default="", help="model yaml instead of --base")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default=None, help="cast the LoRA weights")
+    add_debug_flag(p)
     return p
 
 

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
-from msd_lora.models.export import MODEL_FORMATS, save_model  # noqa: E402
-from msd_lora.models.pretrained import load_model  # noqa: E402
+from msd_lora.cli.errors import add_debug_flag, exits_on_user_error
+from msd_lora.models.export import MODEL_FORMATS, save_model
+from msd_lora.models.pretrained import load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_config", default="", help="model yaml (default: detected / the folder's configs)")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default=None, help="cast floats (default: keep)")
     p.add_argument("--ema", action="store_true", help="LDM files with EMA weights: take the UNet's EMA copy")
+    add_debug_flag(p)
     return p
 
 

@@ -2,7 +2,6 @@
 """Regenerate the option table in docs/configs.md from msd_lora.config.TrainConfig (a test checks it is current)."""
 from __future__ import annotations
 
-
 from msd_lora.config import REPO_ROOT, TrainConfig
 from msd_lora.options import fields_of, range_text, to_plain
 

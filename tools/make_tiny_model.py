@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-
 from tiny_model import synthetic  # tools/tiny_model, beside this script
 from tiny_model.tokenizer import write_clip_tokenizer
 

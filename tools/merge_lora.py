@@ -15,37 +15,40 @@ is msd_lora.lora.merge; models and LoRAs may be in any format msd-lora reads.
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
-from msd_lora.lora.formats import FORMATS, read_lora, write_lora  # noqa: E402
-from msd_lora.lora.merge import extract_lora, merge_into_state  # noqa: E402
-from msd_lora.lora.module_index import ModuleIndex  # noqa: E402
-from msd_lora.models.export import MODEL_FORMATS, save_model  # noqa: E402
-from msd_lora.models.pretrained import load_model  # noqa: E402
+from msd_lora.cli.errors import add_debug_flag, exits_on_user_error
 from msd_lora.errors import ConfigError
+from msd_lora.lora.formats import FORMATS, read_lora, write_lora
+from msd_lora.lora.merge import extract_lora, merge_into_state
+from msd_lora.lora.module_index import ModuleIndex
+from msd_lora.models.export import MODEL_FORMATS, save_model
+from msd_lora.models.pretrained import load_model
 
 DEFAULT_RATIO = 0.75
 
 
 def lora_and_ratio(text: str) -> tuple[str, float]:
-    """'a.safetensors:0.5' -> ('a.safetensors', 0.5); no ratio -> the default 0.75."""
+    """'a.safetensors:0.5' -> ('a.safetensors', 0.5); no ratio -> the default 0.75. A path that itself holds a ':'
+    is taken whole when it exists; anything else after the last ':' must be a number."""
     path, sep, ratio = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(ratio)
-        except ValueError:
-            pass
-    return text, DEFAULT_RATIO
+    if not sep or Path(text).exists():
+        return text, DEFAULT_RATIO
+    try:
+        value = float(ratio)
+    except ValueError:
+        value = math.nan
+    if not path or not math.isfinite(value):
+        raise ConfigError(f"--lora {text}: {ratio!r} is not a ratio; give FILE or FILE:RATIO with a number, e.g. "
+                          f"{path or 'lora.safetensors'}:0.75")
+    return path, value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="base model (diffusers folder, LDM file, mindone ckpt)")
-    p.add_argument("--lora", action="append", default=[], type=lora_and_ratio,
+    p.add_argument("--lora", action="append", default=[],
                    help=f"LoRA file[:ratio] (default ratio {DEFAULT_RATIO}); repeat to merge several")
     p.add_argument("--out", required=True, help="output model (or LoRA file with --extract)")
     p.add_argument("--to", choices=MODEL_FORMATS, default="diffusers", help="output model format")
@@ -57,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=32, help="rank of the extracted LoRA")
     p.add_argument("--conv", action="store_true", help="--extract: also convolutions (LoCon)")
     p.add_argument("--lora_format", choices=FORMATS, default="diffusers", help="--extract output format")
+    add_debug_flag(p)
     return p
 
 
 def merge(args) -> str:
     if not args.lora:
         raise ConfigError("give at least one --lora FILE[:ratio]")
+    args.lora = [lora_and_ratio(text) for text in args.lora]
     model, cfg = load_model(args.base, args.model_config or None)
     index = ModuleIndex.from_configs(model.configs)
     sign = -1.0 if args.unmerge else 1.0

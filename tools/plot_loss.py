@@ -13,6 +13,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from msd_lora.cli.errors import add_debug_flag, exits_on_user_error
+from msd_lora.errors import DatasetError
+
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 W, H, MARGIN = 640, 360, 48
 
@@ -25,7 +28,7 @@ def read_series(path: Path, x: str, y: str, group: str | None) -> dict[str, list
             if math.isfinite(value) and value > 0:
                 series.setdefault(row[group] if group else y, []).append((float(row[x]), value))
     if not series:
-        raise SystemExit(f"error: no finite positive '{y}' values in {path}")
+        raise DatasetError(f"no finite positive '{y}' values in {path}")
     return series
 
 
@@ -39,10 +42,10 @@ def plot(series: dict[str, list[tuple[float, float]]], title: str) -> Image.Imag
         xs, ys = [p[0] for p in points], [math.log10(p[1]) for p in points]
         x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
         y1 = y1 if y1 > y0 else y0 + 1
-        to_px = lambda x, y: (MARGIN + (x - x0) / ((x1 - x0) or 1) * (W - 2 * MARGIN),  # noqa: E731
-                              top + H - MARGIN - (y - y0) / (y1 - y0) * (H - 2 * MARGIN))
+        pixels = [(MARGIN + (x - x0) / ((x1 - x0) or 1) * (W - 2 * MARGIN),
+                   top + H - MARGIN - (y - y0) / (y1 - y0) * (H - 2 * MARGIN)) for x, y in zip(xs, ys)]
         draw.rectangle([MARGIN, top + MARGIN, W - MARGIN, top + H - MARGIN], outline=(180, 180, 180))
-        draw.line([to_px(x, y) for x, y in zip(xs, ys)], fill=COLOURS[i % len(COLOURS)], width=2)
+        draw.line(pixels, fill=COLOURS[i % len(COLOURS)], width=2)
         draw.text((MARGIN, top + 12), f"{title} {name}: loss {points[0][1]:.3g} -> {points[-1][1]:.3g} "
                                       f"(log scale, x {x0:g}..{x1:g})", fill="black")
         draw.text((4, top + MARGIN), f"{10 ** y1:.3g}", fill="black")
@@ -50,18 +53,21 @@ def plot(series: dict[str, list[tuple[float, float]]], title: str) -> Image.Imag
     return image
 
 
-def main() -> None:
+@exits_on_user_error
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("csv", type=Path)
     p.add_argument("png", type=Path)
     p.add_argument("--x", default="step")
     p.add_argument("--y", default="loss")
     p.add_argument("--group", default=None, help="column that splits the rows into curves (e.g. stage)")
-    args = p.parse_args()
+    add_debug_flag(p)
+    args = p.parse_args(argv)
     args.png.parent.mkdir(parents=True, exist_ok=True)
     plot(read_series(args.csv, args.x, args.y, args.group), args.csv.stem).save(args.png)
     print(f"wrote {args.png}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,10 @@
 """The interface every backend implements. The loops in msd_lora.train / msd_lora.sample call only this.
 
-Arrays cross the boundary as numpy; tensors handed back (latents, text embeddings, predictions) are the
-backend's own type and only meet backend-neutral code through arithmetic operators (the samplers).
+What both frameworks do identically is written here once, on small primitives each backend supplies: the
+frozen weights by name (`_base_parameters`, `_read`, `_write`), the model description (`ModelInfo`), the
+only-LoRA-trainable check and the order of building and injecting. Arrays cross the boundary as numpy;
+tensors handed back (latents, text embeddings, predictions) are the backend's own type and only meet
+backend-neutral code through arithmetic operators (the samplers).
 """
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ from typing import Any
 import numpy as np
 
 from msd_lora.checkpoint import TrainingState, check_training_state
+from msd_lora.errors import ConfigError
 from msd_lora.lora.core import LoraWeights, check_lora_fits, to_tensors
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
-from msd_lora.errors import ConfigError
+
+DEFAULT_VAE_SCALING = 0.18215  # diffusers' AutoencoderKL default, when a config leaves it out
 
 
 @dataclass(frozen=True)
@@ -25,9 +30,31 @@ class ModelInfo:
     scaling_factor: float  # latents fed to the UNet are vae latents * scaling_factor
     base_model: str
 
+    @classmethod
+    def of(cls, model: PretrainedModel) -> ModelInfo:
+        vae = model.configs["vae"]
+        return cls(latent_channels=int(vae.get("latent_channels", 4)),
+                   vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+                   scaling_factor=float(vae.get("scaling_factor", DEFAULT_VAE_SCALING)), base_model=model.source)
+
     def latent_shape(self, batch: int, image_size: int) -> tuple[int, int, int, int]:
         side = image_size // self.vae_scale_factor
         return (batch, self.latent_channels, side, side)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Where and how a backend runs (the config's system keys)."""
+
+    device: str = "auto"  # auto | cpu | cuda[:N] / gpu | ascend
+    mode: int = 0  # MindSpore: 0 graph, 1 pynative
+    mixed_precision: str = "no"  # torch autocast on CUDA: no | fp16 | bf16
+    enable_flash_attention: bool = False  # MindSpore on Ascend
+
+    @classmethod
+    def from_config(cls, cfg) -> BackendOptions:
+        return cls(device=cfg.device, mode=cfg.mode, mixed_precision=cfg.mixed_precision,
+                   enable_flash_attention=cfg.enable_flash_attention)
 
 
 @dataclass(frozen=True)
@@ -45,7 +72,7 @@ class OptimizerSettings:
     ema_decay: float
 
     @classmethod
-    def from_config(cls, cfg) -> "OptimizerSettings":
+    def from_config(cls, cfg) -> OptimizerSettings:
         return cls(betas=tuple(cfg.betas), eps=cfg.optim_eps, weight_decay=cfg.weight_decay,
                    clip_grad=cfg.clip_grad, max_grad_norm=cfg.max_grad_norm, loss_scaler_type=cfg.loss_scaler_type,
                    init_loss_scale=cfg.init_loss_scale, loss_scale_factor=cfg.loss_scale_factor,
@@ -74,41 +101,81 @@ class StepResult:
     loss_scale: float
 
 
-def check_only_lora_trainable(trainable: int, lora: int) -> None:
-    """What mindone asserts after injecting LoRA: nothing but the LoRA weights may train."""
-    if trainable != lora:
-        raise RuntimeError(f"only the {lora} LoRA parameters may be trainable, found {trainable} trainable")
-
-
 class Backend(ABC):
     """One framework's adapter: model building, LoRA, training step, sampling primitives."""
 
     name: str
+    compiles_graphs = False  # True where the first train step compiles a graph (MindSpore graph mode)
+
+    def __init__(self, options: BackendOptions):
+        self.options = options
+        self.info: ModelInfo | None = None
+        self.prediction_type = "epsilon"
+        self.alpha = 1.0
 
     # --- model -------------------------------------------------------------------------------
-    @abstractmethod
     def load_model(self, model: PretrainedModel, prediction_type: str) -> ModelInfo:
-        """Build the networks from `model.configs` and fill them strictly from `model.state` (taken, not copied)."""
+        """Build the networks from `model.configs`, fill them strictly from `model.state` (taken, not copied) and
+        freeze them."""
+        self.prediction_type = prediction_type
+        self.info = ModelInfo.of(model)
+        self._build_networks(model)
+        return self.info
+
+    @abstractmethod
+    def _build_networks(self, model: PretrainedModel) -> None:
+        """Build and fill unet / vae / text_encoder, frozen, in eval mode."""
 
     @abstractmethod
     def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
         """component -> linear module name -> (out_features, in_features)."""
 
     @abstractmethod
+    def _base_parameters(self) -> dict[str, Any]:
+        """'<component>.<diffusers param name>' -> the framework's parameter, for every frozen UNet / text-encoder
+        weight (a LoRA wrapper's own weights and its renaming of the wrapped layer hidden)."""
+
+    @abstractmethod
+    def _read(self, param: Any) -> np.ndarray:
+        """A parameter's values as a new float32 numpy array."""
+
+    @abstractmethod
+    def _write(self, param: Any, value: np.ndarray) -> None:
+        """Copy `value` (shape already checked) into a parameter."""
+
     def base_shapes(self) -> dict[str, tuple[int, ...]]:
         """'<component>.<param name>' -> shape of every frozen UNet / text-encoder weight."""
+        return {n: tuple(p.shape) for n, p in self._base_parameters().items()}
 
-    @abstractmethod
     def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Frozen weights as '<component>.<param name>' -> array (all when names is None)."""
+        params = self._base_parameters()
+        return {n: self._read(params[n]) for n in (params if names is None else names)}
 
-    @abstractmethod
-    def set_base_weights(self, values: dict[str, np.ndarray]) -> None: ...
+    def set_base_weights(self, values: dict[str, np.ndarray]) -> None:
+        params = self._base_parameters()
+        for name, value in values.items():
+            if tuple(params[name].shape) != tuple(value.shape):
+                raise ValueError(f"{name}: shape {value.shape} does not fit {tuple(params[name].shape)}")
+            self._write(params[name], np.ascontiguousarray(value, np.float32))
 
     # --- LoRA --------------------------------------------------------------------------------
-    @abstractmethod
     def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
         """Wrap the target layers with trainable LoRA starting at `init`; freeze everything else."""
+        self.alpha = spec.alpha
+        self._inject_lora(spec, targets)
+        trainable, lora = self._trainable_count(), len(to_tensors(self.lora_weights()))
+        if trainable != lora:  # what mindone asserts after injecting LoRA
+            raise RuntimeError(f"only the {lora} LoRA parameters may be trainable, found {trainable} trainable")
+        self.set_lora_weights(init)
+
+    @abstractmethod
+    def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]]) -> None:
+        """Wrap each target layer with a LoRA; only the LoRA weights are trainable afterwards."""
+
+    @abstractmethod
+    def _trainable_count(self) -> int:
+        """How many parameters of the three networks are trainable."""
 
     @abstractmethod
     def lora_weights(self, ema: bool = False) -> LoraWeights: ...
@@ -131,18 +198,9 @@ class Backend(ABC):
         """Forward/backward one micro-batch; apply the optimizer when `update` (after `accumulation` micro-batches)."""
 
     @abstractmethod
-    def eval_loss(self, batch: StepBatch) -> float:
-        """The training loss of a batch, changing no weights or optimizer state (a backend may still compute
-        gradients to reuse its compiled train step)."""
-
-    @abstractmethod
-    def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
-        """d(loss)/d(LoRA weight) by canonical tensor key, without touching optimizer state (for parity checks)."""
-
-    @abstractmethod
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(arrays, scalars) that resume training exactly: optimizer moments by LoRA key, EMA, and the loss scale
-        (`loss_scale`, `scaler_growth_tracker`) only where a loss scaler is in use."""
+        (`loss_scale`, `scaler_growth_tracker`) only where a dynamic loss scaler is in use."""
 
     def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any],
                             source: str = "resume state") -> None:
@@ -164,10 +222,6 @@ class Backend(ABC):
         """UNet predictions for `latents` under each context, computed in one batched call."""
 
     @abstractmethod
-    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> Any:
-        """Pixels (N, 3, H, W) in [-1, 1] -> latents as the UNet sees them: (mean + std * noise) * scaling factor."""
-
-    @abstractmethod
     def decode(self, latents: Any) -> np.ndarray:
         """Latents as the UNet sees them -> float32 images (N, 3, H, W), nominally in [-1, 1] (not clamped)."""
 
@@ -180,14 +234,14 @@ class Backend(ABC):
         return None
 
 
-def get_backend(name: str, **options: Any) -> Backend:
+def get_backend(name: str, options: BackendOptions = BackendOptions()) -> Backend:
     """Instantiate a backend by name; framework imports happen only here."""
     if name == "torch":
         from msd_lora.backends.torch.backend import TorchBackend
 
-        return TorchBackend(**options)
+        return TorchBackend(options)
     if name == "mindspore":
         from msd_lora.backends.mindspore.backend import MindSporeBackend
 
-        return MindSporeBackend(**options)
+        return MindSporeBackend(options)
     raise ConfigError(f"unknown backend {name!r}; expected 'torch' or 'mindspore'")

@@ -13,7 +13,7 @@ import functools
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from msd_lora.errors import MsdLoraError
 

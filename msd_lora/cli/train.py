@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from msd_lora.cli.errors import exits_on_user_error
 from msd_lora.config import build_parser, load_train_config

@@ -7,6 +7,7 @@ no matter how many batches were drawn before. Backend-neutral (numpy only).
 from __future__ import annotations
 
 import numpy as np
+
 from msd_lora.errors import DatasetError
 
 # Appended to augmentation seeds so their stream never equals the permutation stream:

@@ -108,19 +108,23 @@ def _read_rows(data_path: Path, csv_path: Path, image_column: str,
         raise DatasetError(f"data_path {data_path} {state}; {LAYOUT_HINT}")
     if not csv_path.is_file():
         raise DatasetError(f"missing {csv_path}; {LAYOUT_HINT}")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise DatasetError(f"{csv_path} is empty; {LAYOUT_HINT}")
-        reader.fieldnames = [name.strip() for name in reader.fieldnames]
-        for role, column in (("image", image_column), ("caption", caption_column)):
-            if column not in reader.fieldnames:
-                raise DatasetError(
-                    f"{csv_path} has no {role} column {column!r}; columns found: {reader.fieldnames}. "
-                    f"Rename the column or set {role}_column accordingly"
-                )
-        rows = [_parse_row(row, reader.line_num, csv_path, data_path, image_column, caption_column)
-                for row in reader]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise DatasetError(f"{csv_path} is empty; {LAYOUT_HINT}")
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            for role, column in (("image", image_column), ("caption", caption_column)):
+                if column not in reader.fieldnames:
+                    raise DatasetError(
+                        f"{csv_path} has no {role} column {column!r}; columns found: {reader.fieldnames}. The header "
+                        f"row names the columns {image_column},{caption_column} (the image path, then its caption): "
+                        f"rename them there")
+            rows = [_parse_row(row, reader.line_num, csv_path, data_path, image_column, caption_column)
+                    for row in reader]
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{csv_path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 "
+                           f"(e.g. iconv -f latin1 -t utf-8)") from err
     if not rows:
         raise DatasetError(f"{csv_path} has a header but no rows; list at least one image")
     return rows

@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from msd_lora.errors import MissingPathError
+
+from msd_lora.errors import ConfigError, MissingPathError, MsdLoraError
 
 
 def read_prompts_file(path: str | Path, what: str = "prompts file",
-                      error: type[ValueError] = ValueError) -> list[str]:
-    """One prompt per non-empty line, stripped. A missing file is FileNotFoundError, an empty one `error`."""
+                      error: type[MsdLoraError] = ConfigError) -> list[str]:
+    """One prompt per non-empty line (UTF-8), stripped. A missing file is a MissingPathError; an empty one or one
+    that is not UTF-8 text raises `error`."""
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"{what} {path} not found (a .txt file, one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 "
+                    f"(e.g. iconv -f latin1 -t utf-8)") from err
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise error(f"{what} {path} holds no prompts")
     return prompts

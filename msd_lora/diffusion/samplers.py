@@ -22,7 +22,8 @@ Each sampler reproduces the diffusers scheduler as configured for Stable Diffusi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

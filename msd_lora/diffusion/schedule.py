@@ -74,13 +74,13 @@ class NoiseSchedule:
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
         prediction_type: str = "epsilon",
-    ) -> "NoiseSchedule":
+    ) -> NoiseSchedule:
         """Build from diffusers-style scheduler config values (defaults: Stable Diffusion 1.x)."""
         betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)
         return cls(betas=betas, alphas_cumprod=np.cumprod(1.0 - betas), prediction_type=prediction_type)
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "NoiseSchedule":
+    def from_dict(cls, config: dict[str, Any]) -> NoiseSchedule:
         """Build from a (diffusers ``scheduler_config.json``-like) dict; unrelated keys are ignored."""
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
         return cls.from_config(**{k: config[k] for k in keys if k in config})

@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 
+from msd_lora.errors import ConfigError
 from msd_lora.eval.clip_model import DEFAULT_CLIP_MODEL
 from msd_lora.eval.clip_score import check_against_index, clip_scores, prompts_from_index, prompts_per_image
 from msd_lora.eval.fid import batches
 from msd_lora.eval.images import ConversionLog, find_images, read_rgb_batch, sample_folder
-from msd_lora.errors import ConfigError
 
 
 def text_length(tokenizer, config: dict) -> int:

@@ -22,7 +22,6 @@ from msd_lora.data.prompts import read_prompts_file
 from msd_lora.errors import PairingError
 
 
-
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of (N, D) arrays, in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

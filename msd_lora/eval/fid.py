@@ -3,16 +3,16 @@ Fréchet distance. Backend-neutral: the network is any callable from network inp
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
+from msd_lora.errors import ConfigError, ImageInputError, StatisticsError, WeightsError
 from msd_lora.eval.frechet import Gaussian, feature_statistics
 from msd_lora.eval.images import ConversionLog, ImageSet, read_rgb_batch
 from msd_lora.eval.inception_arch import POOL3_FEATURES
 from msd_lora.eval.preprocess import inception_input
-from msd_lora.errors import ConfigError, ImageInputError, StatisticsError, WeightsError
 
 Network = Callable[[np.ndarray], np.ndarray]
 

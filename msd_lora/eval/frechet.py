@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from msd_lora.errors import StatisticsError
 
+from msd_lora.errors import StatisticsError
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from msd_lora.errors import ImageInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -103,7 +104,7 @@ def read_rgb(path: Path) -> tuple[np.ndarray, str]:
     return pixels, mode
 
 
-def read_rgb_batch(paths: list[Path], log: "ConversionLog") -> list[np.ndarray]:
+def read_rgb_batch(paths: list[Path], log: ConversionLog) -> list[np.ndarray]:
     """Several images as uint8 RGB, their source modes counted in `log`."""
     pixels = []
     for path in paths:

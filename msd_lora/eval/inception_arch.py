@@ -12,8 +12,8 @@ inside a branch, a `Fork` runs two convolutions on the same input and concatenat
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Union
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class Fork:
     right: Conv
 
 
-Op = Union[Conv, Pool, Fork]
+Op = Conv | Pool | Fork
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Mixed:
     branches: tuple[tuple[Op, ...], ...]
 
 
-Layer = Union[Conv, Pool, Mixed]
+Layer = Conv | Pool | Mixed
 
 
 def _conv(name: str, cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,

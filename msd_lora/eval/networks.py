@@ -1,9 +1,11 @@
 """The feature networks by backend name; framework imports happen only here, on demand."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+
 from msd_lora.errors import ConfigError
 
 BACKENDS = {"pt": "torch", "torch": "torch", "ms": "mindspore", "mindspore": "mindspore"}

@@ -15,10 +15,11 @@ No protocol re-quantises to uint8 after resizing. Generated images are read back
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
+
 from msd_lora.errors import ConfigError
 
 INCEPTION_SIZE = 299

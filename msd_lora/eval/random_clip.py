@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.eval.weights import RANDOM_INIT_KEY
-
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+from msd_lora.tokenizer import TOKENIZER_FILES
 
 
 def random_clip_config(tokenizer_dir: str | Path, width: int = 64, projection_dim: int = 64) -> dict:

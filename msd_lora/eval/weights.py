@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from msd_lora.errors import WeightsError
 from msd_lora.eval import inception_arch as arch
 from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
-from msd_lora.errors import WeightsError
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"

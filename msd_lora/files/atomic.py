@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
-from msd_lora.errors import UnwritablePathError
 
 
 def _current_umask() -> int:
@@ -43,16 +42,3 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Run `writer(tmp_path)` and move the result into place atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
-
-
-def ensure_writable_dir(path: str | Path, what: str = "output_path") -> Path:
-    """Create `path` if needed and prove a file can be written there, or raise a clear error."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test."):
-            pass
-    except OSError as err:
-        raise UnwritablePathError(f"{what} '{path}' is not writable ({err.strerror}); "
-                              f"choose another folder with --{what}") from err
-    return path

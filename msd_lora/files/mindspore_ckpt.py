@@ -17,8 +17,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from msd_lora.files.atomic import atomic_path
 from msd_lora.errors import MindSporeCkptError
+from msd_lora.files.atomic import atomic_path
 
 NUMPY_TYPES = {"Int8": np.int8, "UInt8": np.uint8, "Int16": np.int16, "UInt16": np.uint16, "Int32": np.int32,
                "UInt32": np.uint32, "Int64": np.int64, "UInt64": np.uint64, "Float16": np.float16,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from msd_lora.errors import SafetensorsError
 from msd_lora.files.atomic import atomic_path
 from msd_lora.files.bfloat16 import bfloat16_to_float32
-from msd_lora.errors import SafetensorsError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msd_lora.files import mindspore_ckpt, safetensors_file, torch_pickle
 from msd_lora.errors import MissingPathError, TensorFileError
-
+from msd_lora.files import mindspore_ckpt, safetensors_file, torch_pickle
 
 
 @dataclass

@@ -19,11 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from msd_lora.files.bfloat16 import bfloat16_to_float32
 from msd_lora.errors import TorchFileError, UnsafePickleError
-
-
-
+from msd_lora.files.bfloat16 import bfloat16_to_float32
 
 STORAGE_DTYPES = {
     "FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,

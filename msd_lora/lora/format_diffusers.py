@@ -15,10 +15,9 @@ import re
 
 import numpy as np
 
-from msd_lora.lora.metadata import alphas_from_metadata
-from msd_lora.lora.core import COMPONENTS, DOWN, UP, LoraLayer, LoraWeights, from_tensors, split_module_key
 from msd_lora.errors import LoraFormatError
-
+from msd_lora.lora.core import COMPONENTS, DOWN, UP, LoraLayer, LoraWeights, from_tensors, split_module_key
+from msd_lora.lora.metadata import alphas_from_metadata
 
 
 def _component_of(module: str) -> str:

@@ -14,8 +14,8 @@ import json
 import numpy as np
 
 from msd_lora.errors import LoraFormatError
-from msd_lora.lora.metadata import most_common
 from msd_lora.lora.core import LoraLayer, LoraWeights, split_module_key
+from msd_lora.lora.metadata import most_common
 from msd_lora.lora.module_index import ModuleIndex, flat
 
 PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}

@@ -15,10 +15,10 @@ import warnings
 
 import numpy as np
 
-from msd_lora.lora.format_diffusers import baked
 from msd_lora.errors import LoraFormatError
-from msd_lora.lora.metadata import most_common
 from msd_lora.lora.core import LoraLayer, LoraWeights, split_module_key
+from msd_lora.lora.format_diffusers import baked
+from msd_lora.lora.metadata import most_common
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.models.ldm import UNET
 
@@ -112,7 +112,8 @@ def write_mindone(weights: LoraWeights, index: ModuleIndex) -> dict[str, np.ndar
         layer = baked(layer)
         if component == "unet":
             if module not in unet_cells:
-                raise LoraFormatError(f"{key}: no such UNet module in this layout; cannot name it for mindone")
+                raise LoraFormatError(f"{key}: no such UNet module in the SD 1.x/2.x layout, so it has no mindone name; "
+                                      f"if the LoRA belongs to another model, pass that model with --base")
             cell = UNET + unet_cells[module]
         else:
             parts = module.split(".")  # text_model.encoder.layers.N.<part...>

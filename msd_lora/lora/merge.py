@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from msd_lora.lora.core import LoraLayer, LoraWeights, base_weight_name, split_module_key
 from msd_lora.errors import LoraMismatchError
-
+from msd_lora.lora.core import LoraLayer, LoraWeights, base_weight_name, split_module_key
 
 
 def update_shape(layer: LoraLayer) -> tuple[int, ...]:

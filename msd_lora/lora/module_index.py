@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from msd_lora.errors import UnsupportedArchitectureError
 from msd_lora.models import mindone
 from msd_lora.models.layout import text_encoder_names, unet_names
-from msd_lora.errors import UnsupportedArchitectureError
 
 SD_TEXT_LAYERS = 23  # covers SD1's 12 and SD2's 23 layers
 
@@ -30,7 +30,7 @@ class ModuleIndex:
     _flat: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_configs(cls, configs: dict[str, dict]) -> "ModuleIndex":
+    def from_configs(cls, configs: dict[str, dict]) -> ModuleIndex:
         pairs = [(d[: -len(".weight")], l[: -len(".weight")]) for d, l in unet_names(configs["unet"])
                  if d.endswith(".weight")]
         text = [n[: -len(".weight")] for n in text_encoder_names(int(configs["text_encoder"]["num_hidden_layers"]))
@@ -38,7 +38,7 @@ class ModuleIndex:
         return cls(unet=[d for d, _ in pairs], text_encoder=text, unet_ldm=dict(pairs))
 
     @classmethod
-    def for_model(cls, configs: dict[str, dict]) -> "ModuleIndex":
+    def for_model(cls, configs: dict[str, dict]) -> ModuleIndex:
         """The model's own index; the SD 1.x/2.x one when its UNet is not an SD layout the index can describe."""
         try:
             return cls.from_configs(configs)
@@ -46,7 +46,7 @@ class ModuleIndex:
             return cls.stable_diffusion()
 
     @classmethod
-    def stable_diffusion(cls) -> "ModuleIndex":
+    def stable_diffusion(cls) -> ModuleIndex:
         """SD 1.x and 2.x at once: their UNets share every module name; the text index has 23 layers."""
         return _sd_index()
 

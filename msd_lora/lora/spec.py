@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from msd_lora.lora.core import COMPONENTS, LoraLayer, LoraWeights, module_key
 from msd_lora.errors import LoraSpecError
-
+from msd_lora.lora.core import COMPONENTS, LoraLayer, LoraWeights, module_key
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class LoraSpec:
         return self.alpha / self.rank
 
     @classmethod
-    def from_config(cls, cfg) -> "LoraSpec":
+    def from_config(cls, cfg) -> LoraSpec:
         targets = {}
         if cfg.lora_ft_unet:
             targets["unet"] = tuple(cfg.lora_target_modules)

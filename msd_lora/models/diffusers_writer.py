@@ -12,14 +12,14 @@ import shutil
 import uuid
 from pathlib import Path
 
+from msd_lora.errors import OutputFolderError
 from msd_lora.files.atomic import atomic_write_text
+from msd_lora.files.safetensors_file import write_safetensors
 from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import PretrainedModel
-from msd_lora.files.safetensors_file import write_safetensors
-from msd_lora.errors import OutputFolderError
+from msd_lora.tokenizer import TOKENIZER_FILES
 
 DIFFUSERS_VERSION = "0.39.0"  # the version these configs were checked against
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _json(path: Path, value: dict) -> None:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from msd_lora.errors import OutputFolderError
 from msd_lora.models.diffusers_writer import write_diffusers_folder
 from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import PretrainedModel
 from msd_lora.models.single_file import write_single_file
-from msd_lora.errors import OutputFolderError
 
 MODEL_FORMATS = ("diffusers", "ldm", "mindone")
 DTYPES = {"fp16": "float16", "fp32": "float32", "float16": "float16", "float32": "float32", None: None}

@@ -11,6 +11,7 @@ dict keys. Only the SD 1.x / 2.x structure is described; anything else is refuse
 from __future__ import annotations
 
 from typing import Any
+
 from msd_lora.errors import UnsupportedArchitectureError
 
 Pairs = list[tuple[str, str]]

@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from msd_lora.models.layout import is_vae_attention_weight, text_encoder_names
-from msd_lora.errors import UnsupportedArchitectureError
-from msd_lora.models.layout import unet_names, vae_names
-from msd_lora.errors import StateDictError
+from msd_lora.errors import StateDictError, UnsupportedArchitectureError
+from msd_lora.models.layout import is_vae_attention_weight, text_encoder_names, unet_names, vae_names
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 CLIP_PREFIX, OPENCLIP_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."

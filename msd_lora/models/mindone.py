@@ -13,9 +13,9 @@ import re
 
 import numpy as np
 
+from msd_lora.errors import StateDictError
 from msd_lora.models.layout import is_vae_attention_weight, unet_names, vae_names
 from msd_lora.models.ldm import IGNORED_PREFIXES, UNET, VAE, Converted, qkv_names, split_qkv
-from msd_lora.errors import StateDictError
 
 TEXT = "cond_stage_model.transformer."
 STYLES = ("gamma", "weight")  # how UNet / text norms name their parameters

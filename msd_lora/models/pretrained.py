@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from msd_lora.errors import ModelError
 
 if TYPE_CHECKING:
@@ -78,14 +79,14 @@ def load_diffusers_folder(path: str | Path) -> PretrainedModel:
                            metadata={"format": "diffusers"})
 
 
-def load_pretrained(path: str | Path, model_config: "str | Path | ModelConfig | None" = None,
+def load_pretrained(path: str | Path, model_config: str | Path | ModelConfig | None = None,
                     use_ema: bool = False) -> PretrainedModel:
     """Read `pretrained_model_path` (diffusers folder, LDM or mindone single file) into configs + numpy weights."""
     return load_model(path, model_config, use_ema)[0]
 
 
-def load_model(path: str | Path, model_config: "str | Path | ModelConfig | None" = None,
-               use_ema: bool = False) -> "tuple[PretrainedModel, ModelConfig]":
+def load_model(path: str | Path, model_config: str | Path | ModelConfig | None = None,
+               use_ema: bool = False) -> tuple[PretrainedModel, ModelConfig]:
     """(PretrainedModel, ModelConfig) of any supported base model.
 
     `model_config` (a yaml path or ModelConfig; empty = detect) gives the schedule and prediction type, and for

@@ -3,25 +3,29 @@
     model, cfg = read_single_file("v1-5-pruned-emaonly.safetensors")      # version detected
     write_single_file(model, "sd15.safetensors", layout="ldm")              # or layout="mindone", *.ckpt
 
-The architecture comes from a model yaml (detected, or the one given); the tokenizer from the shipped CLIP
-BPE merges (or the yaml's `tokenizer.folder`), since single files carry none.
+The architecture comes from a model yaml (detected, or the one given). LDM files carry no tokenizer: it comes from
+the shipped CLIP BPE merges (or the yaml's `tokenizer.folder`) — except in the files msd-lora writes for a model
+whose tokenizer is not the standard CLIP one (a closed vocabulary, added tokens): their metadata holds its files
+(`msd_lora.tokenizer`), so a conversion round trip loads and samples the same model.
 """
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from msd_lora.errors import ModelError, OutputFolderError, UnsupportedArchitectureError
+from msd_lora.files.tensor_file import read_tensor_file, write_tensor_file
 from msd_lora.models import ldm, mindone
-from msd_lora.tokenizer import tokenizer_folder
-from msd_lora.errors import OutputFolderError, UnsupportedArchitectureError
 from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import NETWORKS, PretrainedModel
-from msd_lora.errors import ModelError
-from msd_lora.files.tensor_file import read_tensor_file, write_tensor_file
 from msd_lora.models.versions import detect_version, mismatches, signature_of
+from msd_lora.tokenizer import folder_from_files, is_standard_clip, tokenizer_files, tokenizer_folder
 
 LAYOUTS = ("ldm", "mindone")
+TOKENIZER_KEY = "msd_lora.tokenizer"  # metadata: json {file name: text} of a non-standard tokenizer
 
 
 def network_configs(cfg: ModelConfig) -> dict[str, dict]:
@@ -76,8 +80,10 @@ def read_single_file(path: str | Path, model_config: ModelConfig | None = None,
         metadata["note"] = note
     if converted.ignored:
         metadata["ignored_keys"] = str(len(converted.ignored))
-    model = PretrainedModel(source=str(path), configs=configs, state=converted.state,
-                            tokenizer_dir=tokenizer_for(model_config), metadata=metadata, extras=converted.extras)
+    tokenizer = file.metadata.get(TOKENIZER_KEY)
+    tokenizer_dir = folder_from_files(json.loads(tokenizer)) if tokenizer else tokenizer_for(model_config)
+    model = PretrainedModel(source=str(path), configs=configs, state=converted.state, tokenizer_dir=tokenizer_dir,
+                            metadata=metadata, extras=converted.extras)
     return model, model_config
 
 
@@ -100,5 +106,11 @@ def write_single_file(model: PretrainedModel, path: str | Path, layout: str, tex
         raise OutputFolderError(f"{path}: mindone checkpoints are MindSpore .ckpt files; name the output *.ckpt")
     tensors = single_file_tensors(model, layout, text_layout)
     metadata = {"format": "pt", "msd_lora.layout": layout, "msd_lora.version": model.metadata.get("version", "")}
+    if not is_standard_clip(model.tokenizer_dir):
+        if layout == "mindone":
+            warnings.warn(f"{path}: mindone checkpoints cannot carry a tokenizer, and this model's is not the "
+                          f"standard CLIP one; load it back with a model yaml whose tokenizer.folder names "
+                          f"{model.tokenizer_dir}", UserWarning, stacklevel=2)
+        metadata[TOKENIZER_KEY] = json.dumps(tokenizer_files(model.tokenizer_dir), sort_keys=True)
     return write_tensor_file(path, tensors, metadata, container="mindspore" if layout == "mindone" else "safetensors",
                              dtype=dtype)

@@ -1,11 +1,11 @@
 """The strict name-and-shape check every backend runs before filling a network from a state dict."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
-from msd_lora.errors import StateDictError
 
+from msd_lora.errors import StateDictError
 
 
 def check_state_fits(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], source: str,

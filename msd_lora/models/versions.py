@@ -22,6 +22,7 @@ from msd_lora.models.model_config import ModelConfig, load_model_config
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 SHIPPED = {"v1": "v1-inference.yaml", "v2-base": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml"}
 SD2_BASE_GLOBAL_STEP = "875000"
+CLIP_VOCAB = 49408  # transformers' CLIPTextConfig default, SD 1.x and 2.x alike
 _ATTN2_K = re.compile(r"^model\.diffusion_model\.(input_blocks|middle_block)\..*attn2\.to_k\.weight$")
 
 
@@ -42,6 +43,7 @@ class Signature:
     first_channels: int
     text_width: int
     text_layers: int
+    text_vocab: int  # rows of the token embedding
 
     def describe(self) -> str:
         return (f"{self.layout} file, UNet with {self.in_channels} input channels, first block {self.first_channels}, "
@@ -97,7 +99,7 @@ def signature_of(tensors: dict[str, np.ndarray], source: str) -> Signature:
         layers = _layer_count(keys, r"^cond_stage_model\.transformer\.(?:text_model\.)?encoder\.layers\.(\d+)\.")
     return Signature(layout="mindone" if mindone else "ldm", text=text, context_dim=int(tensors[attn].shape[1]),
                      in_channels=int(conv_in.shape[1]), first_channels=int(conv_in.shape[0]),
-                     text_width=int(token.shape[1]), text_layers=layers)
+                     text_width=int(token.shape[1]), text_layers=layers, text_vocab=int(token.shape[0]))
 
 
 def mismatches(cfg: ModelConfig, sig: Signature) -> list[str]:
@@ -106,7 +108,8 @@ def mismatches(cfg: ModelConfig, sig: Signature) -> list[str]:
     checks = [("cross-attention width", unet.get("cross_attention_dim"), sig.context_dim),
               ("UNet input channels", unet.get("in_channels", 4), sig.in_channels),
               ("first UNet block width", (unet.get("block_out_channels") or [None])[0], sig.first_channels),
-              ("text encoder width", text.get("hidden_size"), sig.text_width)]
+              ("text encoder width", text.get("hidden_size"), sig.text_width),
+              ("text encoder vocabulary", text.get("vocab_size", CLIP_VOCAB), sig.text_vocab)]
     problems = [f"{what}: config {want}, file {got}" for what, want, got in checks if want is not None and want != got]
     layers = text.get("num_hidden_layers")
     if layers is not None and sig.text_layers < int(layers):

@@ -38,7 +38,7 @@ def test_sampling_is_seeded(tmp_path, tiny_model):
     def run(seed: str, name: str) -> np.ndarray:
         assert sample_main(["--prompt", "a red circle on a blue background", "--pretrained_model_path",
                             str(tiny_model), "--n_samples", "1", "--sampling_steps", "3", "--seed", seed,
-                            "--output_path", str(tmp_path / name)]) == 0
+                            "--output_path", str(tmp_path / name), "--overwrite", "True"]) == 0
         return np.asarray(Image.open(tmp_path / name / "samples" / "00000.png"))
 
     assert np.array_equal(run("1", "a"), run("1", "b"))

@@ -11,7 +11,6 @@ from PIL import Image
 from tests.conftest import REPO
 
 XCHECK_PYTHON = REPO / ".venv-xcheck" / "bin" / "python"
-XCHECK_READY = REPO / ".venv-xcheck" / ".installed"  # written by `make xcheck-env` once every package is in
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,13 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from msd_lora.eval.clip_eval import ClipScorer  # noqa: E402
-from msd_lora.eval.clip_model import load_clip_files, resolve_clip_folder  # noqa: E402
-from msd_lora.errors import PairingError  # noqa: E402
-from msd_lora.errors import WeightsError  # noqa: E402
-from tests.eval.conftest import write_images  # noqa: E402
+from msd_lora.errors import (
+    PairingError,
+    WeightsError,
+)
+from msd_lora.eval.clip_eval import ClipScorer
+from msd_lora.eval.clip_model import load_clip_files, resolve_clip_folder
+from tests.eval.conftest import write_images
 
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 OPENAI_STD = np.array([0.26862954, 0.26130258, 0.27577711])
@@ -78,9 +80,9 @@ def test_grouping_with_n_iter_follows_the_sampling_order(torch_scorer, sample_ru
 
 
 def test_model_folder_errors_name_the_file(random_clip, tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
     import shutil
+
+    import huggingface_hub.constants
 
     broken = tmp_path / "clip"
     shutil.copytree(random_clip, broken)

@@ -6,8 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from msd_lora.eval.clip_score import check_against_index, clip_scores, cosine_similarity, prompts_from_index, prompts_per_image, read_prompts
 from msd_lora.errors import PairingError
+from msd_lora.eval.clip_score import (
+    check_against_index,
+    clip_scores,
+    cosine_similarity,
+    prompts_from_index,
+    prompts_per_image,
+    read_prompts,
+)
 
 
 def test_score_is_100_times_clamped_cosine_per_pair():

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from msd_lora.eval.frechet import Gaussian, feature_statistics, frechet_distance, gaussian_distance, load_statistics, save_statistics
 from msd_lora.errors import StatisticsError
+from msd_lora.eval.frechet import (
+    Gaussian,
+    feature_statistics,
+    frechet_distance,
+    gaussian_distance,
+    load_statistics,
+    save_statistics,
+)
 
 
 def features(n: int, dims: int, seed: int, shift: float = 0.0) -> np.ndarray:

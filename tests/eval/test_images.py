@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msd_lora.eval.images import ConversionLog, find_images, read_rgb, sample_folder
 from msd_lora.errors import ImageInputError
+from msd_lora.eval.images import ConversionLog, find_images, read_rgb, sample_folder
 
 
 def test_recursive_sorted_and_non_images_skipped(tmp_path):

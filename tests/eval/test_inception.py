@@ -7,11 +7,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from msd_lora.backends.torch.inception import FidInceptionV3, TorchInceptionFeatures  # noqa: E402
-from msd_lora.eval import inception_arch as arch  # noqa: E402
-from msd_lora.eval.weights import FID_WEIGHTS_NAME, FID_WEIGHTS_URL, read_inception_weights, resolve_inception_weights  # noqa: E402
-from msd_lora.errors import WeightsError  # noqa: E402
-from msd_lora.errors import StateDictError  # noqa: E402
+from msd_lora.backends.torch.inception import FidInceptionV3, TorchInceptionFeatures
+from msd_lora.errors import (
+    StateDictError,
+    WeightsError,
+)
+from msd_lora.eval import inception_arch as arch
+from msd_lora.eval.weights import FID_WEIGHTS_NAME, FID_WEIGHTS_URL, read_inception_weights, resolve_inception_weights
 
 
 def test_architecture_description_is_the_weight_files_layout():

@@ -9,11 +9,11 @@ ms = pytest.importorskip("mindspore")
 pytest.importorskip("mindone")
 torch = pytest.importorskip("torch")
 
-from msd_lora.eval import inception_arch as arch  # noqa: E402
-from msd_lora.eval.images import find_images, read_rgb  # noqa: E402
-from msd_lora.eval.preprocess import inception_input  # noqa: E402
-from msd_lora.eval.weights import read_inception_weights  # noqa: E402
-from msd_lora.errors import StateDictError  # noqa: E402
+from msd_lora.errors import StateDictError
+from msd_lora.eval import inception_arch as arch
+from msd_lora.eval.images import find_images, read_rgb
+from msd_lora.eval.preprocess import inception_input
+from msd_lora.eval.weights import read_inception_weights
 
 RTOL = 1e-4  # a whole network in float32
 

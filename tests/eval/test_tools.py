@@ -11,9 +11,9 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from tests.conftest import TINY_MODEL, tiny_args  # noqa: E402
-from tests.eval.conftest import write_images  # noqa: E402
-from tools.eval import eval_clip_score, eval_fid, run_eval  # noqa: E402
+from tests.conftest import TINY_MODEL, tiny_args
+from tests.eval.conftest import write_images
+from tools.eval import eval_clip_score, eval_fid, run_eval
 
 PT = ["--backend", "pt", "--device", "cpu", "--progress", "False"]
 
@@ -132,9 +132,8 @@ def test_run_eval_from_lora_to_table(image_sets, random_networks, tmp_path, caps
 def test_statistics_saved_with_the_pth_are_accepted_with_its_safetensors_copy(inception_pth, inception_safetensors,
                                                                                tmp_path, capsys):
     """The torch machine saves statistics with the .pth, the MindSpore machine reads them with the converted copy."""
-    from tools.eval.convert_inception_weights import main as convert
-
     from msd_lora.eval.fid import FidEvaluator
+    from tools.eval.convert_inception_weights import main as convert
 
     two = write_images(tmp_path / "two", 2, seed=9, tint=(1, 1, 1), size=24)
     stats, out = tmp_path / "real.npz", tmp_path / "fid.json"

@@ -13,7 +13,8 @@ import pytest
 from msd_lora.eval.frechet import feature_statistics, frechet_distance, gaussian_distance
 from msd_lora.eval.images import find_images, read_rgb
 from msd_lora.eval.preprocess import resize_pil_float
-from tests.eval.conftest import XCHECK_PYTHON, XCHECK_READY
+from tests.conftest import XCHECK_READY
+from tests.eval.conftest import XCHECK_PYTHON
 
 pytestmark = pytest.mark.skipif(not XCHECK_READY.exists(), reason=(
     f"cross-check environment {XCHECK_PYTHON.parent.parent.name} not found: `make xcheck-env` builds it "

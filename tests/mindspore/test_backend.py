@@ -11,17 +11,20 @@ ms = pytest.importorskip("mindspore")
 torch = pytest.importorskip("torch")
 pytest.importorskip("mindone")
 
-from mindspore import Tensor, mint  # noqa: E402
+from mindspore import Tensor, mint
 
-from msd_lora.backends.mindspore.backend import MindSporeBackend  # noqa: E402
-from msd_lora.backends.mindspore.lora import LoraLinear  # noqa: E402
-from msd_lora.backends.mindspore.optim import FlatAdamW  # noqa: E402
-from msd_lora.backends.mindspore.step import FlatLayout  # noqa: E402
-from msd_lora.lora.core import LoraLayer  # noqa: E402
-from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets  # noqa: E402
-from msd_lora.errors import LoraSpecError  # noqa: E402
-from msd_lora.models.pretrained import load_pretrained  # noqa: E402
-from msd_lora.errors import StateDictError  # noqa: E402
+from msd_lora.backends.base import BackendOptions
+from msd_lora.backends.mindspore.backend import MindSporeBackend
+from msd_lora.backends.mindspore.lora import LoraLinear
+from msd_lora.backends.mindspore.optim import FlatAdamW
+from msd_lora.backends.mindspore.step import FlatLayout
+from msd_lora.errors import (
+    LoraSpecError,
+    StateDictError,
+)
+from msd_lora.lora.core import LoraLayer
+from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
+from msd_lora.models.pretrained import load_pretrained
 
 
 def randn(*shape: int, seed: int = 0) -> np.ndarray:
@@ -30,7 +33,7 @@ def randn(*shape: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def backend(tiny_model):
-    b = MindSporeBackend(device="cpu")
+    b = MindSporeBackend(BackendOptions(device="cpu"))
     b.load_model(load_pretrained(tiny_model), "epsilon")
     return b
 
@@ -50,7 +53,7 @@ def test_lora_linear_is_base_plus_scaled_update(fp16):
 
 
 def test_injection_keeps_names_unique_and_only_lora_trainable(tiny_model):
-    b = MindSporeBackend(device="cpu")
+    b = MindSporeBackend(BackendOptions(device="cpu"))
     b.load_model(load_pretrained(tiny_model), "epsilon")
     spec = LoraSpec(rank=4, alpha=4.0, targets={"unet": ("to_q", "to_v"), "text_encoder": ("q_proj",)})
     shapes = b.linear_shapes()
@@ -70,7 +73,7 @@ def test_strict_loading_names_missing_unexpected_and_misshaped(tiny_model):
     state["conv_in.extra"] = np.zeros(3, np.float32)
     state["conv_out.weight"] = np.zeros((4, 4, 3, 3), np.float32)
     with pytest.raises(StateDictError) as err:
-        MindSporeBackend(device="cpu").load_model(model, "epsilon")
+        MindSporeBackend(BackendOptions(device="cpu")).load_model(model, "epsilon")
     message = str(err.value)
     assert "conv_in.bias" in message and "conv_in.extra" in message and "conv_out.weight" in message
     assert "(4, 4, 3, 3)" in message
@@ -88,7 +91,7 @@ def test_lora_weights_refuse_other_layers_and_shapes(backend, tiny_model):
     targets = select_targets(spec, shapes)
     weights = init_lora_weights(spec, targets, shapes, seed=0)
     key = next(iter(weights))
-    fresh = MindSporeBackend(device="cpu")
+    fresh = MindSporeBackend(BackendOptions(device="cpu"))
     fresh.load_model(load_pretrained(tiny_model), "epsilon")
     fresh.add_lora(spec, targets, weights)
     wrong = {**weights, key: LoraLayer(down=np.zeros((2, 5), np.float32), up=weights[key].up, alpha=2.0)}
@@ -106,12 +109,12 @@ def test_rank_larger_than_a_layer_is_an_error(backend):
 
 def test_flash_attention_on_cpu_is_a_clear_error():
     with pytest.raises(ValueError, match="enable_flash_attention needs Ascend"):
-        MindSporeBackend(device="cpu", enable_flash_attention=True)
+        MindSporeBackend(BackendOptions(device="cpu", enable_flash_attention=True))
 
 
 def test_unknown_device_is_a_clear_error():
     with pytest.raises(ValueError, match="not a MindSpore target"):
-        MindSporeBackend(device="tpu")
+        MindSporeBackend(BackendOptions(device="tpu"))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])

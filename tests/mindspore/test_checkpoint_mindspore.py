@@ -6,7 +6,7 @@ import pytest
 
 ms = pytest.importorskip("mindspore")
 
-from msd_lora.files import mindspore_ckpt  # noqa: E402
+from msd_lora.files import mindspore_ckpt
 
 
 def sample_tensors():

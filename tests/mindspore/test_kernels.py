@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("mindone")
 pytest.importorskip("diffusers")
 
-from mindspore import mint  # noqa: E402
+from mindspore import mint
 
-from msd_lora.backends.mindspore import kernels  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
+from msd_lora.backends.mindspore import kernels
+from tests.conftest import REPO
 
 ms.set_device("CPU")
 SUBSTITUTED = kernels.apply_cpu_kernel_substitutes()  # before any network is built or compiled

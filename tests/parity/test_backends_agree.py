@@ -16,13 +16,15 @@ import pytest
 pytest.importorskip("mindspore")
 pytest.importorskip("mindone")
 
-from msd_lora.checkpoint import RESUME_NAME, load_resume  # noqa: E402
-from msd_lora.config import load_train_config  # noqa: E402
-from msd_lora.lora.formats import read_lora  # noqa: E402
-from msd_lora.lora.core import LoraLayer  # noqa: E402
-from msd_lora.sample import SamplingSettings, generate, merge_loras  # noqa: E402
-from msd_lora.train import Trainer  # noqa: E402
-from tests.conftest import tiny_args  # noqa: E402
+from msd_lora.backends.base import BackendOptions
+from msd_lora.backends.probe import probe_for
+from msd_lora.checkpoint import RESUME_NAME, load_resume
+from msd_lora.config import load_train_config
+from msd_lora.lora.core import LoraLayer
+from msd_lora.lora.formats import read_lora
+from msd_lora.sample import SamplingOptions, generate, merge_loras
+from msd_lora.train import Trainer
+from tests.conftest import tiny_args
 
 STEPS = 20
 # The devices compared (docs/parity.md): CPU for both by default; e.g. MSD_LORA_PARITY_MS_DEVICE=ascend on a 910.
@@ -66,7 +68,8 @@ def trainer(tmp_path, backend: str) -> Trainer:
     args = tiny_args(tmp_path / backend, "--backend", backend, "--device", DEVICES[backend],
                      "--max_train_steps", str(STEPS), "--warmup_steps", "2",
                      "--lora_ft_text_encoder", "True", "--use_ema", "True", "--ema_decay", "0.9",
-                     "--scale_window", "3", "--validation_prompts", f"[{PROMPT}]", "--validation_steps", "5")
+                     "--scale_window", "3", "--validation_prompts", PROMPT, "--validation_steps", "5",
+                     "--overwrite", "True")  # test_loop_counts_and_logs_skipped_steps runs the MindSpore loop again
     return Trainer(load_train_config(args), show_progress=False)
 
 
@@ -88,7 +91,7 @@ def test_networks_agree(pair, measured):
     batch = torch_t.micro_batch(0)
     text = [to_numpy(t.backend.encode_prompts(batch.token_ids)) for t in pair]
     assert measured("text encoder output", max_relative_error(text[1], text[0]), 1e-4) <= 1e-4
-    latents = [to_numpy(t.backend.encode_images(batch.pixels, batch.posterior_noise)) for t in pair]
+    latents = [to_numpy(probe_for(t.backend).encode_images(batch.pixels, batch.posterior_noise)) for t in pair]
     assert measured("VAE encode (latents)", max_relative_error(latents[1], latents[0]), 1e-4) <= 1e-4
     noisy = np.random.default_rng(0).standard_normal(latents[0].shape).astype(np.float32)
     preds = [to_numpy(t.backend.denoise(t.backend.tensor(noisy), 500, [t.backend.encode_prompts(batch.token_ids)])[0])
@@ -101,9 +104,9 @@ def test_networks_agree(pair, measured):
 def test_loss_and_gradients_agree(pair, measured):
     torch_t, ms_t = pair
     batch = torch_t.micro_batch(3)
-    losses = [t.backend.eval_loss(batch) for t in pair]
+    losses = [probe_for(t.backend).loss(batch) for t in pair]
     assert measured("loss (relative)", abs(losses[1] - losses[0]) / abs(losses[0]), 1e-5) <= 1e-5
-    grads = [t.backend.lora_gradients(batch) for t in pair]
+    grads = [probe_for(t.backend).lora_gradients(batch) for t in pair]
     assert grads[0].keys() == grads[1].keys()
     assert any(k.startswith("text_encoder.") for k in grads[0])  # text-encoder LoRA is in the comparison
     a, b = flat(grads[0]).astype(np.float64), flat(grads[1]).astype(np.float64)
@@ -240,12 +243,12 @@ def test_fp16_lora_compute_stays_close_to_fp32(pair, runs, tiny_model, measured)
 
     torch_t, ms_t = pair
     weights = torch_t.backend.lora_weights()
-    fp16 = MindSporeBackend(device=DEVICES["mindspore"])
+    fp16 = MindSporeBackend(BackendOptions(device=DEVICES["mindspore"]))
     fp16.load_model(load_pretrained(tiny_model), "epsilon")
     spec = dataclasses.replace(ms_t.spec, fp16=True)
     fp16.add_lora(spec, select_targets(spec, fp16.linear_shapes()), weights)
     batch = torch_t.micro_batch(5)
-    reference, half = torch_t.backend.eval_loss(batch), fp16.eval_loss(batch)
+    reference, half = probe_for(torch_t.backend).loss(batch), probe_for(fp16).loss(batch)
     assert measured("loss, lora_fp16 vs fp32 torch (relative)", abs(half - reference) / reference, 1e-2) <= 1e-2
     assert half != reference  # the fp16 path really ran
 
@@ -259,16 +262,16 @@ def test_sampling_and_cross_loaded_loras_agree(pair, runs, measured):
     for t in pair:
         t.backend.set_lora_weights(zero)  # the live LoRA off: the networks are the base model again
     for sampler in ("ddim", "dpm_solver_pp", "euler"):
-        settings = SamplingSettings(sampler=sampler, steps=8, guidance_scale=4.0, height=32, width=32, seed=5)
-        images = [generate(t.backend, t.info, t.tokenizer, t.schedule, PROMPT, 4, settings) for t in pair]
+        options = SamplingOptions(sampler=sampler, steps=8, guidance_scale=4.0, height=32, width=32, seed=5)
+        images = [generate(t.pipeline, PROMPT, 4, options) for t in pair]
         assert measured(f"samples, {sampler} (PSNR dB)", psnr(images[1], images[0]), 40, ">=") >= 40, sampler
-    settings = SamplingSettings(steps=8, guidance_scale=4.0, height=32, width=32, seed=5)
-    base = generate(ms_t.backend, ms_t.info, ms_t.tokenizer, ms_t.schedule, PROMPT, 4, settings)
+    options = SamplingOptions(steps=8, guidance_scale=4.0, height=32, width=32, seed=5)
+    base = generate(ms_t.pipeline, PROMPT, 4, options)
     for run, trained_on in zip(runs, ("torch", "MindSpore")):
         lora = read_lora(run.lora_path).weights
         for t in pair:
             merge_loras(t.backend, [(lora, 1.0, f"trained on {trained_on}")])
-        images = [generate(t.backend, t.info, t.tokenizer, t.schedule, PROMPT, 4, settings) for t in pair]
+        images = [generate(t.pipeline, PROMPT, 4, options) for t in pair]
         value = psnr(images[1], images[0])
         assert measured(f"samples, LoRA trained on {trained_on} (PSNR dB)", value, 40, ">=") >= 40, trained_on
         assert psnr(images[1], base) < 30  # the LoRA changed the images: the comparison is not of the base model

@@ -14,12 +14,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("mindspore")
 pytest.importorskip("mindone")
 
-from msd_lora.backends.base import StepBatch  # noqa: E402
-from msd_lora.diffusion.schedule import NoiseSchedule  # noqa: E402
-from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets  # noqa: E402
+from msd_lora.backends.base import StepBatch
+from msd_lora.backends.probe import probe_for
+from msd_lora.diffusion.schedule import NoiseSchedule
+from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
 from msd_lora.models.pretrained import load_model
-from msd_lora.tokenizer import PromptTokenizer  # noqa: E402
-from tests.conftest import TINY_MODEL  # noqa: E402
+from msd_lora.tokenizer import PromptTokenizer
+from tests.conftest import TINY_MODEL
 
 UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64], "layers_per_block": 1,
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -64,11 +65,12 @@ def sd2_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backends(sd2_folder):
+    from msd_lora.backends.base import BackendOptions
     from msd_lora.backends.mindspore.backend import MindSporeBackend
     from msd_lora.backends.torch.backend import TorchBackend
 
     out = []
-    for backend in (TorchBackend(device="cpu"), MindSporeBackend(device="cpu")):
+    for backend in (TorchBackend(BackendOptions(device="cpu")), MindSporeBackend(BackendOptions(device="cpu"))):
         model, config = load_model(sd2_folder)
         assert config.prediction_type == "v_prediction"  # read from the folder's scheduler config
         backend.load_model(model, config.prediction_type)
@@ -104,5 +106,5 @@ def test_sd2_networks_and_v_prediction_loss_agree(backends, sd2_folder):
     latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
     preds = [b.denoise(b.tensor(latents), 700, [c])[0] for b, c in zip(backends, contexts)]
     assert rel(preds[1], preds[0]) <= 1e-4
-    losses = [b.eval_loss(data) for b in backends]
+    losses = [probe_for(b).loss(data) for b in backends]
     assert abs(losses[1] - losses[0]) <= 1e-5 * losses[0]

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from msd_lora.lora.formats import read_lora, write_lora
+from msd_lora.files.tensor_file import read_tensor_file
 from msd_lora.lora.core import LoraLayer
+from msd_lora.lora.formats import read_lora, write_lora
 from msd_lora.lora.merge import merge_into_state
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.models.pretrained import load_model
-from msd_lora.files.tensor_file import read_tensor_file
-from tests.conftest import tiny_args
+from tests.conftest import REPO, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def diffusers_fused(tiny_model, path, scale):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), local_files_only=True)
-    pipe.load_lora_weights(str(path))
+    pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)  # a file: offline-safe
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
     return {n: {k: v.numpy() for k, v in getattr(pipe, n).state_dict().items()} for n in ("unet", "text_encoder")}
@@ -120,6 +121,7 @@ def test_diffusers_loader_merges_our_files_like_our_merge(tiny, tiny_model, tmp_
 
 def test_sampling_mixes_loras_of_different_formats(tiny, tiny_model, tmp_path):
     """A kohya and a mindone LoRA, each at its own scale, merge into the torch backend like the numpy merge."""
+    from msd_lora.backends.base import BackendOptions
     from msd_lora.backends.torch.backend import TorchBackend
     from msd_lora.cli.sample import main as sample_main
     from msd_lora.sample import merge_loras, read_lora_files
@@ -131,10 +133,10 @@ def test_sampling_mixes_loras_of_different_formats(tiny, tiny_model, tmp_path):
     mindone = write_lora(tmp_path / "b.ckpt", lora_for(model, rng, ("to_q.weight", "to_v.weight"), alpha=4.0),
                          "mindone", index)
     pairs = [(str(kohya), 0.8), (str(mindone), 0.5)]
-    backend = TorchBackend(device="cpu")
+    backend = TorchBackend(BackendOptions(device="cpu"))
     fresh, _ = load_model(tiny_model)
     backend.load_model(fresh, "epsilon")
-    merge_loras(backend, read_lora_files(pairs, model.configs))
+    merge_loras(backend, read_lora_files(pairs, index))
     expected = merge_into_state(model.state, [(read_lora(p, index).weights, s) for p, s in pairs])
     actual = backend.base_weights()
     for network in ("unet", "text_encoder"):
@@ -167,3 +169,30 @@ def test_training_starts_from_a_kohya_lora(tiny, tmp_path):
     bad = load_train_config(tiny_args(tmp_path / "bad", "--init_lora_path", str(path), "--lora_rank", "8"))
     with pytest.raises(ValueError, match="set lora_rank: 4"):
         Trainer(bad, show_progress=False)
+
+
+def test_conversion_round_trip_keeps_a_non_standard_tokenizer(tiny_model, tmp_path):
+    """tiny (602-token vocabulary) -> LDM single file -> diffusers folder, with a model yaml that names no tokenizer:
+    the single file carries the tokenizer, and the result samples exactly like the original."""
+    import yaml
+
+    from msd_lora.backends.base import BackendOptions
+    from msd_lora.sample import SamplingOptions, generate, load_pipeline
+    from tools import convert_model
+
+    config = yaml.safe_load((REPO / "configs/model/tiny.yaml").read_text())
+    config["tokenizer"].pop("folder")
+    yaml_path = tmp_path / "tiny_no_tokenizer.yaml"
+    yaml_path.write_text(yaml.safe_dump(config))
+    single, folder = tmp_path / "tiny.safetensors", tmp_path / "tiny_diffusers"
+    assert convert_model.main([str(tiny_model), str(single), "--to", "ldm", "--model_config", str(yaml_path)]) == 0
+    assert convert_model.main([str(single), str(folder), "--to", "diffusers", "--model_config", str(yaml_path)]) == 0
+    options = SamplingOptions(steps=4, height=32, width=32, seed=1)
+    images = []
+    for path in (tiny_model, folder):
+        pipeline, _ = load_pipeline(path, None, "torch", BackendOptions(device="cpu"))
+        assert pipeline.tokenizer(["a red circle in sks style"]).tolist() == \
+            load_pipeline(tiny_model, None, "torch", BackendOptions(device="cpu"))[0].tokenizer(
+                ["a red circle in sks style"]).tolist()
+        images.append(generate(pipeline, "a red circle on a blue background", 2, options))
+    np.testing.assert_array_equal(images[0], images[1])

@@ -97,8 +97,12 @@ def test_ldm_single_file_round_trip(full):
 
 def test_diffusers_converters_agree_with_our_ldm_file(full):
     """diffusers' own LDM -> diffusers conversion of the file we wrote gives back the original tensors."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from msd_lora.files.tensor_file import read_tensor_file

@@ -6,29 +6,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-from tools.tiny_model.synthetic import COLOURS, SHAPES, describe_colours
-from msd_lora.models.pretrained import load_pretrained
 from tests.conftest import REPO
+from tools.tiny_model.synthetic import COLOURS, SHAPES, describe_colours
 
 
 def test_samples_follow_the_prompted_colours(tiny_model):
-    from msd_lora.backends.torch.backend import TorchBackend
-    from msd_lora.models.model_config import load_model_config
-    from msd_lora.tokenizer import PromptTokenizer
-    from msd_lora.sample import SamplingSettings, generate
+    from msd_lora.backends.base import BackendOptions
+    from msd_lora.sample import SamplingOptions, generate, load_pipeline
 
-    schedule = load_model_config(REPO / "configs/model/tiny.yaml").noise_schedule()
-    backend = TorchBackend(device="cpu")
-    info = backend.load_model(load_pretrained(tiny_model), "epsilon")
-    tokenizer = PromptTokenizer(tiny_model / "tokenizer")
-    settings = SamplingSettings(steps=20, guidance_scale=5.0, height=32, width=32, seed=123)
+    pipeline, _ = load_pipeline(tiny_model, REPO / "configs/model/tiny.yaml", "torch", BackendOptions(device="cpu"))
+    options = SamplingOptions(steps=20, guidance_scale=5.0, height=32, width=32, seed=123)
     names = list(COLOURS)
     shape_hits = background_hits = total = 0
     for i, colour in enumerate(names):
         background = names[(i + 3) % len(names)]
         prompt = f"a {colour} {SHAPES[i % len(SHAPES)]} on a {background} background"
-        for image in generate(backend, info, tokenizer, schedule, prompt, 5, settings, i):
+        for image in generate(pipeline, prompt, 5, options, i):
             got_shape, got_background = describe_colours(image)
             shape_hits += got_shape == colour
             background_hits += got_background == background

@@ -1,14 +1,16 @@
 """The PyTorch reference backend and the training loop on the embedded tiny model and dataset."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from msd_lora.backends.probe import probe_for
 from msd_lora.config import load_train_config
-from msd_lora.errors import DatasetError
+from msd_lora.errors import DatasetError, LoraSpecError
 from msd_lora.eval.style import style_distance
 from msd_lora.lora.formats import read_lora, write_lora
-from msd_lora.errors import LoraSpecError
 from msd_lora.models.pretrained import load_pretrained
 from msd_lora.train import Trainer
 from tests.conftest import REPO, tiny_args
@@ -24,9 +26,10 @@ def trained(tmp_path_factory):
     trainer = make_trainer(tmp_path_factory.mktemp("tiny_run"))
     probes = [trainer.micro_batch(1000 + i) for i in range(8)]
     base_before = trainer.backend.base_weights()
-    loss_before = [trainer.backend.eval_loss(b) for b in probes]
+    probe = probe_for(trainer.backend)
+    loss_before = [probe.loss(b) for b in probes]
     result = trainer.run()
-    loss_after = [trainer.backend.eval_loss(b) for b in probes]
+    loss_after = [probe.loss(b) for b in probes]
     return trainer, result, base_before, loss_before, loss_after
 
 
@@ -60,23 +63,19 @@ def test_lora_samples_are_closer_to_the_target_style(trained, tiny_model):
     """Colour signature (mean R, G, B, saturation) of samples with and without the LoRA vs the training images."""
     from PIL import Image
 
-    from msd_lora.backends.torch.backend import TorchBackend
-    from msd_lora.tokenizer import PromptTokenizer
-    from msd_lora.sample import SamplingSettings, generate, merge_loras
+    from msd_lora.backends.base import BackendOptions
+    from msd_lora.sample import SamplingOptions, generate, load_pipeline, merge_loras
 
     trainer, result, *_ = trained
     reference = [np.asarray(Image.open(p)) for p in trainer.dataset.image_paths]
-    settings = SamplingSettings(steps=25, guidance_scale=7.5, height=32, width=32, seed=0)  # the demo's settings
+    options = SamplingOptions(steps=25, guidance_scale=7.5, height=32, width=32, seed=0)  # the demo's settings
     prompts = (REPO / "configs/prompts/tiny_sks.txt").read_text().splitlines()
-    tokenizer = PromptTokenizer(tiny_model / "tokenizer")
 
     def distance(with_lora: bool) -> float:
-        backend = TorchBackend(device="cpu")
-        info = backend.load_model(load_pretrained(tiny_model), "epsilon")
+        pipeline, _ = load_pipeline(tiny_model, None, "torch", BackendOptions(device="cpu"))
         if with_lora:
-            merge_loras(backend, [(read_lora(result.lora_path).weights, 1.0, "trained")])
-        images = [im for i, p in enumerate(prompts)
-                  for im in generate(backend, info, tokenizer, trainer.schedule, p, 4, settings, i)]
+            merge_loras(pipeline.backend, [(read_lora(result.lora_path).weights, 1.0, "trained")])
+        images = [im for i, p in enumerate(prompts) for im in generate(pipeline, p, 4, options, i)]
         return style_distance(images, reference)
 
     base, lora = distance(False), distance(True)
@@ -127,8 +126,10 @@ def test_resume_with_other_lora_settings_is_refused(tmp_path, changed, message):
 def test_text_encoder_lora_trains_and_saves_both_components(tmp_path):
     trainer = make_trainer(tmp_path, "--max_train_steps", "2", "--lora_ft_text_encoder", "True")
     result = trainer.run()
-    components = {k.split(".")[0] for k in read_lora(result.lora_path).weights}
-    assert components == {"unet", "text_encoder"}
+    saved = read_lora(result.lora_path).weights
+    assert {k.split(".")[0] for k in saved} == {"unet", "text_encoder"}
+    text = [layer for key, layer in saved.items() if key.startswith("text_encoder.")]
+    assert text and all(np.abs(layer.up).max() > 0 for layer in text)  # B starts at zero: the text encoder trained
 
 
 def test_rank_larger_than_a_layer_is_an_error(tmp_path):
@@ -147,8 +148,8 @@ def test_overflowing_gradients_skip_the_update(tmp_path):
 
     trainer = make_trainer(tmp_path, "--max_train_steps", "3", "--log_interval", "1")
     backend = trainer.backend
-    real_loss = backend._loss
-    backend._loss = lambda batch: real_loss(batch) * torch.tensor(float("inf"))
+    real_loss = backend.loss
+    backend.loss = lambda batch: real_loss(batch) * torch.tensor(float("inf"))
     before = backend.lora_weights()
     result = trainer.run()
     assert result.skipped_steps == 3
@@ -162,11 +163,12 @@ def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
     """Our file in diffusers' loader, fused at a scale, gives the weights our numpy merge gives."""
     from diffusers import StableDiffusionPipeline
 
+    from msd_lora.backends.base import BackendOptions
     from msd_lora.backends.torch.backend import TorchBackend
     from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
     from msd_lora.sample import merge_loras
 
-    ours = TorchBackend(device="cpu")
+    ours = TorchBackend(BackendOptions(device="cpu"))
     ours.load_model(load_pretrained(tiny_model), "epsilon")
     spec = LoraSpec(rank=4, alpha=8.0, targets={"unet": ("to_q", "to_k", "to_v", "to_out.0"),
                                                 "text_encoder": ("q_proj", "v_proj")})
@@ -180,7 +182,7 @@ def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
     merge_loras(ours, [(read_lora(path).weights, 0.7, str(path))])
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), local_files_only=True)
-    pipe.load_lora_weights(str(path))
+    pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)  # a file: offline-safe
     pipe.fuse_lora(lora_scale=0.7)
     pipe.unload_lora_weights()
     theirs = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
@@ -194,12 +196,13 @@ def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
 
 
 def test_lora_for_another_model_names_keys_and_shapes(tmp_path, tiny_model):
+    from msd_lora.backends.base import BackendOptions
     from msd_lora.backends.torch.backend import TorchBackend
-    from msd_lora.lora.core import LoraLayer
     from msd_lora.errors import LoraMismatchError
+    from msd_lora.lora.core import LoraLayer
     from msd_lora.sample import merge_loras
 
-    backend = TorchBackend(device="cpu")
+    backend = TorchBackend(BackendOptions(device="cpu"))
     backend.load_model(load_pretrained(tiny_model), "epsilon")
     name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     alien = {name: LoraLayer(np.zeros((4, 320), np.float32), np.zeros((320, 4), np.float32), 4.0),
@@ -208,3 +211,54 @@ def test_lora_for_another_model_names_keys_and_shapes(tmp_path, tiny_model):
     with pytest.raises(LoraMismatchError, match=r"(?s)sd15\.safetensors does not fit.*down_blocks\.3.*"
                                                 r"to_q: LoRA gives 320x320.*model has 64x64"):
         merge_loras(backend, [(alien, 1.0, "sd15.safetensors")])
+
+
+def test_torch_ema_is_the_hand_computed_average(tmp_path):
+    """ema <- decay * ema + (1 - decay) * weights after every applied step, starting from the initial weights; with
+    decay 0.7 a swapped decay / (1 - decay) gives other numbers."""
+    trainer = make_trainer(tmp_path, "--max_train_steps", "3", "--use_ema", "True", "--ema_decay", "0.7",
+                           "--start_learning_rate", "1e-2", "--scheduler", "constant")
+    backend = trainer.backend
+    ema = {k: (layer.down.astype(np.float64), layer.up.astype(np.float64))
+           for k, layer in backend.lora_weights().items()}
+    for step in range(3):
+        backend.train_step(trainer.micro_batch(step), 1e-2, update=True, accumulation=1)
+        live = backend.lora_weights()
+        ema = {k: (0.7 * d + 0.3 * live[k].down, 0.7 * u + 0.3 * live[k].up) for k, (d, u) in ema.items()}
+    averaged = backend.lora_weights(ema=True)
+    assert any(np.abs(layer.up).max() > 0 for layer in averaged.values())  # the LoRA moved: the test can see it
+    for key, (down, up) in ema.items():
+        np.testing.assert_allclose(averaged[key].down, down, rtol=1e-5, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(averaged[key].up, up, rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.parametrize("scaler, after_overflow, after_clean", [("static", 1024.0, 1024.0), ("dynamic", 512.0, 1024.0)])
+def test_torch_loss_scale_static_stays_put_dynamic_moves(tmp_path, scaler, after_overflow, after_clean):
+    """The fp16 GradScaler (CUDA runs create it; the same logic on the CPU here): a static scale stays exactly where
+    the config put it through an overflow and clean steps, as on MindSpore; a dynamic one halves, then regrows."""
+    import torch
+
+    from msd_lora.backends.torch.backend import make_scaler
+
+    trainer = make_trainer(tmp_path, "--loss_scaler_type", scaler, "--init_loss_scale", "1024", "--scale_window", "1")
+    backend = trainer.backend
+    backend.scaler = make_scaler(backend.settings, "cpu")
+    real_loss = backend.loss
+    backend.loss = lambda batch: real_loss(batch) * torch.tensor(float("inf"))
+    assert backend.train_step(trainer.micro_batch(0), 1e-3, update=True, accumulation=1).overflow
+    assert float(backend.scaler.get_scale()) == after_overflow
+    backend.loss = real_loss
+    assert backend.train_step(trainer.micro_batch(1), 1e-3, update=True, accumulation=1).updated
+    assert float(backend.scaler.get_scale()) == after_clean
+
+
+def test_init_lora_path_takes_a_diffusers_lora_folder(tmp_path):
+    """diffusers' save_lora_weights writes a folder; read_lora accepts it, and so does init_lora_path now."""
+    first = make_trainer(tmp_path / "first", "--max_train_steps", "2").run()
+    folder = tmp_path / "diffusers_lora"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(first.lora_path.read_bytes())
+    trainer = make_trainer(tmp_path / "second", "--max_train_steps", "1", "--init_lora_path", str(folder))
+    start = trainer.backend.lora_weights()
+    for key, layer in read_lora(first.lora_path).weights.items():
+        np.testing.assert_array_equal(start[key].up, layer.up)

@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import yaml
 
+from msd_lora.errors import SafetensorsError, StateDictError, TensorFileError, UnsupportedArchitectureError
 from msd_lora.files import mindspore_ckpt
+from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
+from msd_lora.files.tensor_file import read_tensor_file
 from msd_lora.models.layout import unet_names
-from msd_lora.errors import UnsupportedArchitectureError
-from msd_lora.errors import StateDictError
 from msd_lora.models.mindone import text_pairs, unet_name
 from msd_lora.models.pretrained import load_model
-from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
-from msd_lora.errors import SafetensorsError
 from msd_lora.models.single_file import write_single_file
-from msd_lora.files.tensor_file import read_tensor_file
-from msd_lora.errors import TensorFileError
 from msd_lora.models.versions import detect_version, shipped_config
 
 
@@ -136,8 +133,8 @@ def test_pickles_with_code_are_refused_without_running_it(tmp_path):
                                                 (0, (-1, 4), (4, 1)), (13, (), ())])
 def test_tensor_views_outside_their_storage_are_refused(offset, size, stride):
     """A crafted checkpoint could ask for a view past its bytes (as_strided does not check): refused, not read."""
-    from msd_lora.files.torch_pickle import _rebuild_tensor, _Storage
     from msd_lora.errors import TorchFileError
+    from msd_lora.files.torch_pickle import _rebuild_tensor, _Storage
 
     storage = _Storage(np.arange(12, dtype=np.float32))
     with pytest.raises(TorchFileError, match="does not fit its storage"):
@@ -349,8 +346,7 @@ def test_truncated_diffusers_component_is_named(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("pad,pad_id", [("<|endoftext|>", 49407), ("!", 0)])
 def test_offline_clip_tokenizers_give_clip_ids(tmp_path, monkeypatch, pad, pad_id):
-    from msd_lora.tokenizer import tokenizer_folder
-    from msd_lora.tokenizer import PromptTokenizer
+    from msd_lora.tokenizer import PromptTokenizer, tokenizer_folder
 
     monkeypatch.setenv("MSD_LORA_CACHE", str(tmp_path))
     folder = tokenizer_folder(pad, 77)
@@ -395,8 +391,8 @@ def test_diffusers_folder_is_replaced_whole_and_atomically(tiny_model, tmp_path,
 
 
 def test_a_folder_that_is_not_a_diffusers_model_is_not_overwritten(tiny_model, tmp_path):
-    from msd_lora.models.diffusers_writer import write_diffusers_folder
     from msd_lora.errors import OutputFolderError
+    from msd_lora.models.diffusers_writer import write_diffusers_folder
 
     model, cfg = load_model(tiny_model)
     (tmp_path / "photos").mkdir()

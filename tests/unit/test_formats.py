@@ -4,16 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from msd_lora.errors import LoraFormatError
+from msd_lora.errors import LoraFormatError, LoraMismatchError
+from msd_lora.files.safetensors_file import write_safetensors
+from msd_lora.lora.core import LoraLayer
 from msd_lora.lora.formats import detect_format, read_lora, write_lora
 from msd_lora.lora.init_from import start_from_file
-from msd_lora.lora.core import LoraLayer
 from msd_lora.lora.merge import check_fits, delta, extract_lora, merge_into_state, merged_weights, unmerged_weights
-from msd_lora.errors import LoraMismatchError
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import load_model
-from msd_lora.files.safetensors_file import write_safetensors
 
 
 @pytest.fixture(scope="module")

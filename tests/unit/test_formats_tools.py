@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import yaml
 
-from msd_lora.lora.formats import read_lora, write_lora
 from msd_lora.lora.core import LoraLayer
+from msd_lora.lora.formats import read_lora, write_lora
 from msd_lora.lora.merge import delta
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.models.pretrained import load_model

@@ -3,13 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from msd_lora.lora.formats import read_lora, write_lora
-from msd_lora.errors import LoraFormatError, MissingPathError
+from msd_lora.errors import LoraFormatError, LoraMismatchError, LoraSpecError, MissingPathError
 from msd_lora.lora.core import LoraLayer, from_tensors, to_tensors
+from msd_lora.lora.formats import read_lora, write_lora
 from msd_lora.lora.merge import check_fits, delta, merged_weights
-from msd_lora.errors import LoraMismatchError
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, matches, select_targets
-from msd_lora.errors import LoraSpecError
 
 SHAPES = {"unet": {"down.0.attn1.to_q": (64, 32), "down.0.attn1.to_out.0": (64, 64), "down.0.ff.net.2": (32, 128)},
           "text_encoder": {"layers.0.self_attn.q_proj": (32, 32)}}
@@ -105,7 +103,8 @@ def test_tensor_keys_are_diffusers_peft_names():
 
 @pytest.mark.parametrize("content,message", [
     (b"", r"LoRA file .*bad\.safetensors is empty"),
-    (b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}", r"LoRA file .*bad\.safetensors: header length 8 does not fit a 15-byte file"),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}",
+     r"LoRA file .*bad\.safetensors: header length 8 does not fit a 15-byte file"),
 ])
 def test_corrupt_files_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "bad.safetensors"

@@ -135,7 +135,7 @@ def test_model_fn_receives_sampler_timesteps():
     for name in SAMPLERS:
         seen = []
 
-        def model_fn(x, t):
+        def model_fn(x, t, seen=seen):
             seen.append(t)
             return x * 0.0
 

@@ -7,17 +7,13 @@ The copy records the .pth's sha256 (`source_sha256`): statistics saved with the 
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
-
-from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
-from msd_lora.eval import inception_arch as arch  # noqa: E402
-from msd_lora.eval.weights import (RANDOM_INIT_KEY, SOURCE_SHA256_KEY, read_inception_weights,  # noqa: E402
-                                   weights_identity)
-from msd_lora.models.state_check import check_state_fits  # noqa: E402
+from msd_lora.cli.errors import add_debug_flag, exits_on_user_error
+from msd_lora.eval import inception_arch as arch
+from msd_lora.eval.weights import RANDOM_INIT_KEY, SOURCE_SHA256_KEY, read_inception_weights, weights_identity
+from msd_lora.models.state_check import check_state_fits
 
 
 @exits_on_user_error
@@ -27,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="the .pth file (read with torch.load(weights_only=True))")
     p.add_argument("target", help="the .safetensors file to write")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     state, found = read_inception_weights(args.source)
     check_state_fits(state, arch.state_shapes(), args.source, "the FID InceptionV3")

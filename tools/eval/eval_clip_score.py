@@ -9,15 +9,11 @@ Images pair with prompts in text_to_image.py's order: n_iter*n_samples consecuti
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
-
-from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
-from msd_lora.eval.clip_model import DEFAULT_CLIP_MODEL  # noqa: E402
-from tools.eval._common import add_backend_args, print_notes, write_json, write_jsonl  # noqa: E402
+from msd_lora.cli.errors import exits_on_user_error
+from msd_lora.cli.eval_common import add_backend_args, print_notes, write_json, write_jsonl
+from msd_lora.eval.clip_model import DEFAULT_CLIP_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:

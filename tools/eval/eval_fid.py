@@ -9,16 +9,12 @@ Protocol, preprocessing choices and weights: docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
-
-from msd_lora.cli.errors import exits_on_user_error  # noqa: E402
-from msd_lora.eval.preprocess import DEFAULT_RESIZE, PROTOCOLS  # noqa: E402
-from tools.eval._common import add_backend_args, check_statistics_args, print_notes, write_json  # noqa: E402
+from msd_lora.cli.errors import exits_on_user_error
+from msd_lora.cli.eval_common import add_backend_args, check_statistics_args, print_notes, write_json
 from msd_lora.errors import ConfigError
+from msd_lora.eval.preprocess import DEFAULT_RESIZE, PROTOCOLS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,17 +7,16 @@ safetensors metadata so every tool that loads them warns that its numbers are no
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
-
-from msd_lora.config import REPO_ROOT  # noqa: E402
+from msd_lora.cli.errors import add_debug_flag, exits_on_user_error
+from msd_lora.config import REPO_ROOT
 
 INCEPTION_FILE, CLIP_FOLDER = "inception_random.safetensors", "clip_random"
 
 
+@exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     from msd_lora.eval.random_clip import write_random_clip
     from msd_lora.eval.weights import write_random_inception
@@ -28,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a CLIP BPE tokenizer folder for the random CLIP")
     p.add_argument("--clip_width", type=int, default=64, help="hidden size of both CLIP towers")
     p.add_argument("--seed", type=int, default=0)
+    add_debug_flag(p)
     args = p.parse_args(argv)
     out = Path(args.output_path)
     inception = write_random_inception(out / INCEPTION_FILE, args.seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from msd_lora.tokenizer import BOS, END_OF_WORD, EOS, bytes_to_unicode
 
+
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Greedy lowest-rank-first BPE, as CLIP applies it."""
     while len(symbols) > 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from mindspore import Tensor, nn
 
-from msd_lora.backends.mindspore.backend import configure_context
+from msd_lora.backends.mindspore.context import configure_context
 from msd_lora.models.state_check import check_state_fits
 
 MINDONE_LEAVES = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}

@@ -5,11 +5,11 @@ construct is the backend's substitute (gather + matmul, msd_lora/backends/mindsp
 map to ours by `inception_arch.mindspore_name` (batch norm: gamma, beta, moving_mean, moving_variance)."""
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, mint, nn, ops
 
-from msd_lora.backends.mindspore.backend import configure_context
+from msd_lora.backends.mindspore.context import configure_context
 from msd_lora.eval import inception_arch as arch
 from msd_lora.models.state_check import check_state_fits
 

@@ -6,8 +6,8 @@ cells are re-parented, so the backend tracks LoRA weights by canonical key, neve
 """
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from msd_lora.lora.core import DOWN, UP, LoraLayer, LoraWeights, module_key

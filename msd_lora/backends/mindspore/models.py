@@ -6,8 +6,8 @@ model names LayerNorm weights `gamma`/`beta` and embeddings `embedding_table`, m
 """
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn
 
 from msd_lora.lora.core import DOWN, UP

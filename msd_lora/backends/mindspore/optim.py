@@ -12,8 +12,8 @@ changes (moments, step count and weights all kept).
 """
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 

@@ -8,68 +8,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msd_lora.backends.base import (Backend, ModelInfo, OptimizerSettings, StepBatch, StepResult,
-                                    check_only_lora_trainable)
+from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, StepResult
 from msd_lora.backends.torch import lora as torch_lora
+from msd_lora.backends.torch.networks import build_network, resolve_device
 from msd_lora.checkpoint import TrainingState
 from msd_lora.diffusion.schedule import add_noise, training_target
 from msd_lora.lora.core import LoraWeights
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
-from msd_lora.models.state_check import check_state_fits
-from msd_lora.errors import ConfigError
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` (CUDA when present), `cpu`, `cuda[:N]`, or MindSpore's name `gpu`; a device torch cannot use here is a
-    ValueError naming it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = "cuda" if device.lower() == "gpu" else device
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' was asked for, but torch sees no CUDA GPU; use device: cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"device '{device}' is not a torch device ({err})") from err
-
-
-def build_network(name: str, build, config: dict, state: dict[str, np.ndarray], source: str) -> torch.nn.Module:
-    """Construct a network without random init (its weights come next) and fill it strictly from `state`."""
-    from transformers.modeling_utils import no_init_weights
-
-    with no_init_weights():
-        module = build(config)
-    targets = module.state_dict(keep_vars=True)
-    check_state_fits(state, {k: tuple(v.shape) for k, v in targets.items()}, f"{source} ({name})", f"the torch {name}")
-    with torch.no_grad():
-        for key in list(state):  # one tensor at a time: never a second full copy of the model in memory
-            targets[key].copy_(torch.from_numpy(np.array(state.pop(key), np.float32)))
-    return module
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device: str = "auto", mixed_precision: str = "no", **_: Any):
-        self.device = resolve_device(device)
+    def __init__(self, options: BackendOptions = BackendOptions()):
+        super().__init__(options)
+        self.device = resolve_device(options.device)
         self.autocast_dtype = None
-        if mixed_precision != "no":
+        if options.mixed_precision != "no":
             if self.device.type != "cuda":
-                warnings.warn(f"mixed_precision '{mixed_precision}' needs CUDA; training in float32 on {self.device}")
+                warnings.warn(f"mixed_precision '{options.mixed_precision}' needs CUDA; training in float32 on "
+                              f"{self.device}", UserWarning, stacklevel=2)
             else:
-                self.autocast_dtype = AUTOCAST_DTYPES[mixed_precision]
+                self.autocast_dtype = AUTOCAST_DTYPES[options.mixed_precision]
         self.components: dict[str, torch.nn.Module] = {}
         self.lora_params: dict[str, torch.nn.Parameter] = {}
-        self.alpha = 1.0
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.ema: list[torch.Tensor] | None = None
 
     # --- model -------------------------------------------------------------------------------
-    def load_model(self, model: PretrainedModel, prediction_type: str) -> ModelInfo:
+    def _build_networks(self, model: PretrainedModel) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -82,46 +53,31 @@ class TorchBackend(Backend):
             module.to(self.device).eval().requires_grad_(False)
         self.unet, self.vae, self.text_encoder = networks["unet"], networks["vae"], networks["text_encoder"]
         self.components = {"unet": self.unet, "text_encoder": self.text_encoder}
-        self.prediction_type = prediction_type
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        return ModelInfo(latent_channels=int(self.vae.config.latent_channels),
-                         vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1),
-                         scaling_factor=self.scaling_factor, base_model=model.source)
 
     def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
         return {c: {n: (m.out_features, m.in_features) for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear)} for c, model in self.components.items()}
 
-    def _base_params(self) -> dict[str, torch.nn.Parameter]:
-        """'<component>.<name>' -> frozen parameter, with peft's '.base_layer' hidden."""
+    def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = {}
         for component, model in self.components.items():
             for name, param in model.named_parameters():
-                if ".lora_A." not in name and ".lora_B." not in name:
+                if ".lora_A." not in name and ".lora_B." not in name:  # peft's names for down / up
                     params[f"{component}.{name.replace('.base_layer.', '.')}"] = param
         return params
 
-    def base_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self._base_params().items()}
+    def _read(self, param: torch.Tensor) -> np.ndarray:
+        return param.detach().float().cpu().numpy().copy()
 
-    def base_weights(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        params = self._base_params()
-        return {n: params[n].detach().float().cpu().numpy().copy() for n in (params if names is None else names)}
-
-    def set_base_weights(self, values: dict[str, np.ndarray]) -> None:
-        params = self._base_params()
+    def _write(self, param: torch.Tensor, value: np.ndarray) -> None:
         with torch.no_grad():
-            for name, value in values.items():
-                if tuple(params[name].shape) != value.shape:
-                    raise ValueError(f"{name}: shape {value.shape} does not fit {tuple(params[name].shape)}")
-                params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            param.copy_(torch.from_numpy(value))
 
     # --- LoRA --------------------------------------------------------------------------------
-    def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
+    def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]]) -> None:
         if spec.fp16:
             warnings.warn("lora_fp16 applies to the MindSpore backend; on torch, mixed_precision: fp16 (CUDA) sets "
-                          "the compute dtype of the whole step", UserWarning, stacklevel=2)
-        self.alpha = spec.alpha
+                          "the compute dtype of the whole step", UserWarning, stacklevel=3)
         for component, names in targets.items():
             torch_lora.inject(self.components[component], spec, names)
             self.lora_params.update(torch_lora.lora_parameters(self.components[component], component))
@@ -129,9 +85,9 @@ class TorchBackend(Backend):
             model.requires_grad_(False)
         for param in self.lora_params.values():
             param.requires_grad_(True)
-        trainable = [p for m in (self.unet, self.text_encoder, self.vae) for p in m.parameters() if p.requires_grad]
-        check_only_lora_trainable(len(trainable), len(self.lora_params))
-        self.set_lora_weights(init)
+
+    def _trainable_count(self) -> int:
+        return sum(p.requires_grad for m in (self.unet, self.text_encoder, self.vae) for p in m.parameters())
 
     def lora_weights(self, ema: bool = False) -> LoraWeights:
         if ema and self.ema is not None:
@@ -148,27 +104,24 @@ class TorchBackend(Backend):
         self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=settings.betas, eps=settings.eps,
                                            weight_decay=settings.weight_decay)
         if self.autocast_dtype == torch.float16 and settings.loss_scaler_type != "none":
-            dynamic = settings.loss_scaler_type == "dynamic"
-            self.scaler = torch.amp.GradScaler(
-                "cuda", init_scale=settings.init_loss_scale,
-                growth_factor=settings.loss_scale_factor if dynamic else 1.0 + 1e-7,
-                backoff_factor=1.0 / settings.loss_scale_factor if dynamic else 1.0 - 1e-7,
-                growth_interval=settings.scale_window)
+            self.scaler = make_scaler(settings, self.device.type)
         self.ema = [p.detach().clone() for p in params] if settings.use_ema else None
 
-    def _tensor_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+    def tensor_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        to = self.tensor
         return {"pixels": to(batch.pixels), "ids": to(batch.token_ids), "posterior_noise": to(batch.posterior_noise),
                 "noise": to(batch.noise), "t": to(batch.timesteps),
                 "a": to(batch.sqrt_alpha).view(-1, 1, 1, 1), "s": to(batch.sqrt_one_minus_alpha).view(-1, 1, 1, 1)}
 
     @torch.no_grad()
-    def _encode_latents(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+    def encode_latents(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+        """A sample of the VAE posterior with given noise, times the scaling factor: the UNet's training latents."""
         posterior = self.vae.encode(pixels).latent_dist
-        return (posterior.mean + posterior.std * posterior_noise) * self.scaling_factor
+        return (posterior.mean + posterior.std * posterior_noise) * self.info.scaling_factor
 
-    def _loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        latents = self._encode_latents(b["pixels"], b["posterior_noise"])
+    def loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a tensor batch (`tensor_batch`)."""
+        latents = self.encode_latents(b["pixels"], b["posterior_noise"])
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             context = self.text_encoder(b["ids"])[0]
@@ -177,17 +130,8 @@ class TorchBackend(Backend):
         target = training_target(latents, b["noise"], b["a"], b["s"], self.prediction_type)
         return F.mse_loss(pred.float(), target.float())
 
-    @torch.no_grad()
-    def eval_loss(self, batch: StepBatch) -> float:
-        return self._loss(self._tensor_batch(batch)).item()
-
-    def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
-        params = list(self.lora_params.values())
-        grads = torch.autograd.grad(self._loss(self._tensor_batch(batch)), params)
-        return {k: g.float().cpu().numpy() for k, g in zip(self.lora_params, grads)}
-
     def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
-        loss = self._loss(self._tensor_batch(batch))
+        loss = self.loss(self.tensor_batch(batch))
         scaled = loss / accumulation
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         scale = float(self.scaler.get_scale()) if self.scaler else 1.0
@@ -206,7 +150,8 @@ class TorchBackend(Backend):
         finite = bool(torch.isfinite(norm))
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips the update itself when grads are not finite
-            self.scaler.update()
+            static = self.settings.loss_scaler_type == "static"
+            self.scaler.update(self.settings.init_loss_scale if static else None)  # a static scale never moves
         elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -232,14 +177,14 @@ class TorchBackend(Backend):
         return arrays, scalars
 
     def _restore_training_state(self, state: TrainingState) -> None:
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         self.optimizer.state.clear()
         if state.exp_avg is not None:
             for key, param in self.lora_params.items():
                 self.optimizer.state[param] = {"step": torch.tensor(float(state.optimizer_step)),
-                                               "exp_avg": to(state.exp_avg[key]), "exp_avg_sq": to(state.exp_avg_sq[key])}
+                                               "exp_avg": self.tensor(state.exp_avg[key]),
+                                               "exp_avg_sq": self.tensor(state.exp_avg_sq[key])}
         if self.ema is not None:
-            self.ema = [to(state.ema[k]) if state.ema is not None else p.detach().clone()
+            self.ema = [self.tensor(state.ema[k]) if state.ema is not None else p.detach().clone()
                         for k, p in self.lora_params.items()]
         if self.scaler and self.settings.loss_scaler_type == "dynamic" and state.loss_scale is not None:
             scaler_state = self.scaler.state_dict()
@@ -262,12 +207,17 @@ class TorchBackend(Backend):
         return list(pred.chunk(len(contexts)))
 
     @torch.no_grad()
-    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> torch.Tensor:
-        return self._encode_latents(self.tensor(pixels), self.tensor(posterior_noise))
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        return self.vae.decode(latents / self.scaling_factor).sample.float().cpu().numpy()
+        return self.vae.decode(latents / self.info.scaling_factor).sample.float().cpu().numpy()
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        """A copy of `array` on this backend's device (never a view of a read-only or shared numpy buffer)."""
+        return torch.from_numpy(np.array(array)).to(self.device)
+
+
+def make_scaler(settings: OptimizerSettings, device_type: str) -> torch.amp.GradScaler:
+    """GradScaler for fp16: dynamic (shrink on overflow, grow after `scale_window` clean steps), or static, whose
+    scale `_apply_update` sets back after every step, so it stays where the config put it, as on MindSpore."""
+    return torch.amp.GradScaler(device_type, init_scale=settings.init_loss_scale,
+                                growth_factor=settings.loss_scale_factor,
+                                backoff_factor=1.0 / settings.loss_scale_factor, growth_interval=settings.scale_window)

@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from msd_lora.backends.torch.backend import build_network
-from msd_lora.backends.torch.backend import resolve_device
+from msd_lora.backends.torch.networks import build_network, resolve_device
 
 
 def clip_model(config: dict) -> torch.nn.Module:

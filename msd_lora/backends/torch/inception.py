@@ -4,13 +4,14 @@ output: pool3 features (N, 2048)."""
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msd_lora.backends.torch.backend import resolve_device
+from msd_lora.backends.torch.networks import resolve_device
 from msd_lora.eval import inception_arch as arch
 from msd_lora.models.state_check import check_state_fits
 
@@ -95,9 +96,11 @@ def read_pth_state(path: str) -> dict[str, np.ndarray]:
     """A torch state-dict file (.pth) as numpy arrays, read with `torch.load(weights_only=True)`: no code runs."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's refusal text advises weights_only=False: keep its reason only
-        reason = str(err).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
-        raise ValueError(f"torch.load(weights_only=True) refused it: {' '.join(reason.split())}") from err
+    except pickle.UnpicklingError as err:  # torch's text goes on to advise allow-listing the global: not repeated
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        asked = f"it asks for {found.group(1)}, which is no tensor or plain container" if found else \
+            "it holds objects that are no tensors or plain containers"
+        raise ValueError(f"refused without running it: {asked}, and a pickle can run code") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -1,4 +1,4 @@
-"""Argument and output helpers the eval tools share."""
+"""Argument and output helpers the evaluation tools (tools/eval) share."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,8 @@ BACKEND_CHOICES = ("pt", "ms", "torch", "mindspore")
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    from msd_lora.cli.errors import add_debug_flag
+
     parser.add_argument("--backend", default="pt", choices=BACKEND_CHOICES,
                         help="pt (PyTorch) or ms (MindSpore) runs the feature network")
     parser.add_argument("--device", default="auto", help="torch device (auto, cpu, cuda[:N]; gpu means cuda) or "
@@ -19,6 +21,7 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ms_mode", type=int, default=0, choices=(0, 1),
                         help="MindSpore execution mode: 0 graph (compiles once, faster per image), 1 pynative")
     parser.add_argument("--progress", type=str_to_bool, default=True, help="show progress bars")
+    add_debug_flag(parser)
 
 
 def check_statistics_args(real_stats: str | None, save_stats: str | None = None) -> None:

@@ -1,0 +1,50 @@
+"""The parity probe of the MindSpore backend: its training loss, LoRA gradients and VAE latents.
+
+Once a train step exists, loss and gradients come from that compiled step itself, run as an accumulation-only
+micro-batch (nothing is updated) with its accumulator saved and restored: no second graph to compile, and the
+gradients are exactly the ones training uses. Before (a backend never configured for training) a value-and-grad
+function of the same loss cell is compiled once.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from msd_lora.backends.base import StepBatch
+from msd_lora.backends.mindspore.backend import MindSporeBackend
+
+
+class MindSporeProbe:
+    def __init__(self, backend: MindSporeBackend):
+        self.backend = backend
+        self._grad_fn = None
+
+    def loss(self, batch: StepBatch) -> float:
+        if self.backend.step is not None:
+            return self._step_gradients(batch)[0]
+        return float(self.backend.loss(*self.backend.step_inputs(batch)).asnumpy())
+
+    def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        if self.backend.step is not None:
+            return self._step_gradients(batch)[1]
+        items = self.backend.lora_items()
+        if self._grad_fn is None:  # built once: each new grad function would be compiled anew
+            self._grad_fn = ms.value_and_grad(self.backend.loss, None, ms.ParameterTuple([p for _, p in items]))
+        _, grads = self._grad_fn(*self.backend.step_inputs(batch))
+        return {k: g.asnumpy() for (k, _), g in zip(items, grads)}
+
+    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> Tensor:
+        return self.backend.encode_latents(Tensor(pixels), Tensor(posterior_noise))
+
+    def _step_gradients(self, batch: StepBatch) -> tuple[float, dict[str, np.ndarray]]:
+        step = self.backend.step
+        saved = step.accum.asnumpy().copy()
+        step.accum.set_data(Tensor(np.zeros_like(saved)))
+        try:
+            loss, _, _, scale = step(Tensor(1.0, ms.float32), Tensor(0.0, ms.float32), Tensor(False, ms.bool_),
+                                     *self.backend.step_inputs(batch))
+            flat = step.accum.asnumpy() / float(scale.asnumpy())
+        finally:
+            step.accum.set_data(Tensor(saved))
+        return float(loss.asnumpy()), step.layout.split(flat)
