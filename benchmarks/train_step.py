@@ -128,7 +128,11 @@ def unet_forward_backward(backend, latents: np.ndarray, context):
     import mindspore as ms
 
     x, t = ms.Tensor(latents), ms.Tensor(np.full(len(latents), 500, np.float32))
-    grad = ms.jit(ms.grad(lambda x, t, c: (backend.unet(x, t, c)[0] ** 2).mean(), 0))
+
+    def objective(x, t, context):
+        return (backend.unet(x, t, context)[0] ** 2).mean()
+
+    grad = ms.jit(ms.grad(objective, 0))
     return lambda: grad(x, t, context).asnumpy()
 
 

@@ -211,8 +211,9 @@ class TorchBackend(Backend):
         return self.vae.decode(latents / self.info.scaling_factor).sample.float().cpu().numpy()
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
-        """A copy of `array` on this backend's device (never a view of a read-only or shared numpy buffer)."""
-        return torch.from_numpy(np.array(array)).to(self.device)
+        """`array` on this backend's device (on the CPU sharing its memory, unless it is read-only: then a copy)."""
+        array = np.asarray(array)
+        return torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable else array.copy()).to(self.device)
 
 
 def make_scaler(settings: OptimizerSettings, device_type: str) -> torch.amp.GradScaler:
