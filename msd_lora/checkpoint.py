@@ -20,7 +20,6 @@ RESUME_FORMAT = "msd_lora.resume/1"
 RESUME_NAME = "train_resume.safetensors"
 
 
-
 @dataclass
 class ResumeState:
     step: int  # optimizer steps completed

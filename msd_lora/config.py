@@ -22,7 +22,7 @@ import yaml
 
 from msd_lora.diffusion.samplers import SAMPLERS
 from msd_lora.errors import ConfigError
-from msd_lora.options import add_arguments, check_keys, coerce_all, fields_of, setting, suggest, to_plain
+from msd_lora.options import FALSE, TRUE, add_arguments, check_keys, coerce_all, fields_of, setting, suggest, to_plain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS, COMMAND_LINE = "defaults", "command line"
@@ -93,7 +93,8 @@ class TrainConfig:
     lora_ft_unet: bool = setting(True, "LoRA on the UNet")
     lora_ft_text_encoder: bool = setting(False, "LoRA on the text encoder")
     lora_fp16: bool = setting(False, "MindSpore: LoRA matmuls in float16, float32 master weights")
-    lora_init: str = setting("kaiming", "init of lora_A (lora_B starts at zero)", choices=("kaiming", "gaussian"))
+    lora_init: str = setting("kaiming", "init of the down factor A (the up factor B starts at zero)",
+                             choices=("kaiming", "gaussian"))
     init_lora_path: str = setting("", "start from this LoRA (a file in any format msd-lora reads, or a diffusers LoRA "
                                       "folder); its layers must be among the targets, with rank lora_rank", path=True)
     lora_target_modules: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"), "UNet module names for LoRA",
@@ -171,7 +172,7 @@ def resolve_paths(values: dict[str, Any], base: Path | None) -> dict[str, Any]:
     infos = fields_of(TrainConfig)
     out = dict(values)
     for key, value in values.items():
-        if infos[key].setting.path and isinstance(value, str) and value.strip().lower() not in ("true", "false"):
+        if infos[key].setting.path and isinstance(value, str) and value.strip().lower() not in TRUE | FALSE:
             out[key] = resolve_path(value, base)
     return out
 

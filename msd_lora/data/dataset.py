@@ -23,7 +23,6 @@ LAYOUT_HINT = (
 _WARN_EXAMPLES = 5
 
 
-
 class SkippedImagesWarning(UserWarning):
     """Some images listed in the csv were missing or undecodable and were left out."""
 

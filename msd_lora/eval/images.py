@@ -35,7 +35,6 @@ CONVERSIONS = {  # PIL mode -> what convert("RGB") does to it
 }
 
 
-
 @dataclass
 class ImageSet:
     """The image files of one folder (or one file), plus what was skipped."""

@@ -37,7 +37,6 @@ SOURCE_SHA256_KEY = "source_sha256"  # safetensors metadata of a converted copy:
 GET_STANDARD = f"the standard file is {FID_WEIGHTS_NAME} from {FID_WEIGHTS_URL}"
 
 
-
 def downloads_allowed() -> bool:
     return not any(os.environ.get(v, "") not in ("", "0") for v in ("MSD_LORA_OFFLINE", "HF_HUB_OFFLINE"))
 

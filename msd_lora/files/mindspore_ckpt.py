@@ -28,7 +28,6 @@ SLICE_BYTES = 512 * 1024 * 1024  # MindSpore splits larger parameters into value
 CRC_TRAILER = b"crc_num"
 
 
-
 def _varint(buf, pos: int, end: int) -> tuple[int, int]:
     value = shift = 0
     while True:

@@ -24,7 +24,6 @@ NAMES = {np.dtype(v): k for k, v in DTYPES.items() if k != "BF16"}
 MAX_HEADER = 100 * 1024 * 1024
 
 
-
 def read_header(path: Path) -> tuple[int, dict]:
     size = path.stat().st_size
     with open(path, "rb") as f:

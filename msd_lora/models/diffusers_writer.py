@@ -33,7 +33,6 @@ def scheduler_config(cfg: ModelConfig) -> dict:
             "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading"}
 
 
-
 def write_diffusers_folder(model: PretrainedModel, cfg: ModelConfig, folder: str | Path,
                            dtype: str | None = None) -> Path:
     """unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json as `folder`, all or nothing.

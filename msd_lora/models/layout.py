@@ -26,7 +26,6 @@ UNSUPPORTED_UNET_KEYS = {  # config key -> value every SD 1.x/2.x UNet has
 }
 
 
-
 def _wb(d: str, l: str) -> Pairs:
     return [(f"{d}.weight", f"{l}.weight"), (f"{d}.bias", f"{l}.bias")]
 

@@ -25,7 +25,6 @@ IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "betas", "alphas_cu
                     "cond_stage_model.transformer.embeddings.position_ids", "cond_stage_model.model.attn_mask")
 
 
-
 @dataclass
 class Converted:
     state: dict[str, dict[str, np.ndarray]]  # network -> diffusers-named weights

@@ -14,7 +14,6 @@ from msd_lora.errors import ModelError
 REQUIRED = ("name", "image_size", "prediction_type", "schedule")
 
 
-
 @dataclass(frozen=True)
 class ModelConfig:
     name: str

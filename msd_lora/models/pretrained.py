@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
-
 def check_model_folder(path: str | Path) -> Path:
     """Return the folder if it has the diffusers SD layout, else raise with what is missing."""
     path = Path(path)

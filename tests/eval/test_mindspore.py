@@ -74,7 +74,6 @@ def test_clip_scores_agree_across_backends(random_clip, image_sets):
     assert got["backend"] == "mindspore" and want["backend"] == "torch"
 
 
-
 def test_graph_mode_agrees_with_torch(inception_case, random_clip):
     """--ms_mode 0 (GRAPH, the CLI default), 2 small inputs: Inception features, and CLIP scores through the embedders
     of a 2-layer CLIP (the graph compile of the 36-layer test CLIP alone would cost ~10 s)."""

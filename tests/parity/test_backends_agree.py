@@ -233,6 +233,7 @@ def test_loop_counts_and_logs_skipped_steps(pair, runs, capsys):
     assert [r["step"] for r in rows if r["overflow"] == "1"] == ["5"]
     printed = capsys.readouterr()
     assert "step 5: gradients not finite, update skipped" in printed.out + printed.err
+    assert "also saved in mindone's LoRA format" in printed.out  # logged before the log closes, not after
 
 
 def test_fp16_lora_compute_stays_close_to_fp32(pair, runs, tiny_model, measured):

@@ -1,5 +1,6 @@
 """The one exit convention of every command-line tool: input errors are one line and exit 2, bugs keep their
 traceback, --debug shows the traceback of input errors too."""
+import os
 import subprocess
 import sys
 
@@ -64,27 +65,32 @@ def test_multi_line_messages_print_as_one_line():
     assert one_line(err) == "lora.safetensors does not fit this model: 2 of 4 layers not in the model; Likely cause: x"
 
 
-def run_train(*args: str, tmp_path) -> subprocess.CompletedProcess:
-    code = ("import sys, msd_lora.train as t\n"
-            "def broken(*a, **k): raise {exc}\n"
-            "t.Trainer.__init__ = broken\n"
-            "from msd_lora.cli.train import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-    return code
+BROKEN_STEP = """import sys
+from msd_lora.backends.torch.backend import TorchBackend
+def broken(self, *args, **kwargs):
+    raise {exc}
+TorchBackend.train_step = broken  # a failure inside the backend's tensor code, mid-run
+from msd_lora.cli.train import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-@pytest.mark.parametrize("exc,name", [("RuntimeError('cuda error: an illegal memory access')", "RuntimeError"),
+@pytest.mark.parametrize("exc,name", [("RuntimeError('CUDA error: an illegal memory access')", "RuntimeError"),
                                       ("ValueError('operands could not be broadcast together')", "ValueError")])
 def test_a_bug_inside_a_run_exits_nonzero_with_its_traceback(tmp_path, exc, name):
-    """A non-input exception raised inside the training run (as a backend's tensor code would) keeps its traceback
-    and exits 1, where a bad config key exits 2 with one line."""
-    code = run_train(tmp_path=tmp_path).format(exc=exc)
-    done = subprocess.run([sys.executable, "-c", code, "--output_path", str(tmp_path / "o")], capture_output=True,
-                          text=True)
-    assert done.returncode == 1
+    """A non-input exception raised inside the backend during a real run keeps its traceback and exits 1, where a bad
+    config key exits 2 with one line, and --debug adds that line's traceback."""
+    from tests.conftest import tiny_args
+
+    code = BROKEN_STEP.format(exc=exc)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, *tiny_args(tmp_path / "run", "--max_train_steps", "2")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback (most recent call last)" in done.stderr and f"{name}:" in done.stderr
-    bad = subprocess.run([sys.executable, "-c", code, "--lora_rank", "0"], capture_output=True, text=True)
+    assert "in broken" in done.stderr  # the traceback reaches the frame that raised
+    bad = subprocess.run([sys.executable, "-c", code, "--lora_rank", "0"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'lora_rank' is 0" in bad.stderr
     debug = subprocess.run([sys.executable, "-c", code, "--lora_rank", "0", "--debug"], capture_output=True,
-                           text=True)
+                           text=True, env=env)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
