@@ -66,7 +66,7 @@ def fid_image_set(folder, what: str) -> ImageSet:
     images = find_images(sample_folder(folder), what)
     if len(images) < 2:
         raise ImageInputError(f"{what} {images.root}: FID needs at least 2 images (the covariance of 1 image is "
-                         f"undefined); found {len(images)}")
+                              f"undefined); found {len(images)}")
     return images
 
 
@@ -134,11 +134,11 @@ class FidEvaluator:
         (pytorch-fid's own .npz) is accepted with a note."""
         if "resize" in info and info["resize"] != self.resize:
             raise StatisticsError(f"{source} was computed with --resize {info['resize']}, this run uses {self.resize}: "
-                             f"FIDs across preprocessing protocols are not comparable")
+                                  f"FIDs across preprocessing protocols are not comparable")
         if "weights_sha256" in info and info["weights_sha256"] != self.weights["sha256"]:
             raise StatisticsError(f"{source} was computed with other Inception weights (sha256 {info['weights_sha256']}) "
-                             f"than {self.weights['file']} (sha256 {self.weights['sha256']}; a converted .safetensors "
-                             f"copy counts as the .pth it was made from)")
+                                  f"than {self.weights['file']} (sha256 {self.weights['sha256']}; a converted .safetensors "
+                                  f"copy counts as the .pth it was made from)")
         return [n for n in (unrecorded_note(info, source, self.resize),) if n]
 
     def fid(self, real: tuple[Gaussian, list[str]], gen_dir) -> dict:

@@ -93,13 +93,14 @@ def check_lora_fits(weights: LoraWeights, model: LoraWeights) -> None:
     extra, missing = sorted(set(weights) - set(model)), sorted(set(model) - set(weights))
     if extra or missing:
         raise LoraMismatchError(f"LoRA layers differ from the model's: {len(missing)} missing (e.g. {missing[:2]}), "
-                         f"{len(extra)} unexpected (e.g. {extra[:2]}): trained with other lora targets?")
+                                f"{len(extra)} unexpected (e.g. {extra[:2]}): trained with other lora targets?")
     for key, layer in weights.items():
         mine = model[key]
         for part, given, expected in ((DOWN, layer.down, mine.down), (UP, layer.up, mine.up)):
             if tuple(given.shape) != tuple(expected.shape):
                 raise LoraMismatchError(f"{key}.{part}: shape {tuple(given.shape)} does not fit the model's "
-                                 f"{tuple(expected.shape)} (rank {layer.rank} here, lora_rank {mine.rank} there)")
+                                        f"{tuple(expected.shape)} (rank {layer.rank} here, lora_rank {mine.rank} there)")
         if not math.isclose(layer.alpha, mine.alpha, rel_tol=1e-6):
-            raise LoraMismatchError(f"{key}: alpha {layer.alpha:g} differs from the model's lora_alpha {mine.alpha:g}, which "
-                             f"would rescale the update by {mine.alpha / layer.alpha:g}: set lora_alpha: {layer.alpha:g}")
+            raise LoraMismatchError(f"{key}: alpha {layer.alpha:g} differs from the model's lora_alpha {mine.alpha:g}, "
+                                    f"which would rescale the update by {mine.alpha / layer.alpha:g}: set lora_alpha: "
+                                    f"{layer.alpha:g}")

@@ -170,8 +170,8 @@ def from_ldm(tensors: dict[str, np.ndarray], configs: dict[str, dict], text_layo
         problems.append(f"{len(unexpected)} weights the architecture does not have, e.g. {', '.join(unexpected[:3])}")
     if problems:
         raise StateDictError(f"{source} does not match the {architecture} architecture:\n  "
-                                 + "\n  ".join(problems) + "\n  Likely cause: a different model family (SDXL, "
-                                 "inpainting, ControlNet, ...) or the wrong model_config for this file.")
+                             + "\n  ".join(problems) + "\n  Likely cause: a different model family (SDXL, "
+                             "inpainting, ControlNet, ...) or the wrong model_config for this file.")
     return Converted(state=state, extras=extras, ignored=ignored)
 
 

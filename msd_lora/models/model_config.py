@@ -41,10 +41,10 @@ def load_model_config(path: str | Path) -> ModelConfig:
         raise ModelError(f"{path}: missing keys {missing}; see configs/model/tiny.yaml for the layout")
     if raw["prediction_type"] not in ("epsilon", "v_prediction"):
         raise ModelError(f"{path}: prediction_type must be 'epsilon' or 'v_prediction', "
-                               f"got {raw['prediction_type']!r}")
+                         f"got {raw['prediction_type']!r}")
     if raw.get("text_encoder_layout", "clip") not in ("clip", "open_clip"):
         raise ModelError(f"{path}: text_encoder_layout must be 'clip' or 'open_clip', "
-                               f"got {raw['text_encoder_layout']!r}")
+                         f"got {raw['text_encoder_layout']!r}")
     arch = {k: raw[k] for k in ("unet", "vae", "text_encoder", "tokenizer") if k in raw}
     return ModelConfig(name=raw["name"], image_size=int(raw["image_size"]), prediction_type=raw["prediction_type"],
                        schedule=dict(raw["schedule"]), architecture=arch, path=str(path),

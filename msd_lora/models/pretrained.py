@@ -32,14 +32,14 @@ def check_model_folder(path: str | Path) -> Path:
     path = Path(path)
     if not str(path) or not path.exists():
         raise ModelError(f"pretrained_model_path '{path}' does not exist; give a diffusers folder "
-                                   f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/) or a single-file "
-                                   f"checkpoint (.safetensors / .ckpt)")
+                         f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/) or a single-file "
+                         f"checkpoint (.safetensors / .ckpt)")
     if not path.is_dir():
         raise ModelError(f"pretrained_model_path '{path}' is a file, not a diffusers folder")
     missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
     if missing:
         raise ModelError(f"pretrained_model_path '{path}' is not a diffusers Stable Diffusion folder: "
-                                   f"missing {', '.join(s + '/' for s in missing)}")
+                         f"missing {', '.join(s + '/' for s in missing)}")
     return path
 
 

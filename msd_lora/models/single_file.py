@@ -32,7 +32,7 @@ def network_configs(cfg: ModelConfig) -> dict[str, dict]:
     missing = [n for n in NETWORKS if n not in cfg.architecture]
     if missing:
         raise ModelError(f"model_config {cfg.path} has no {', '.join(missing)} section; single-file "
-                                   f"checkpoints take their architecture from it (see configs/model/v1-inference.yaml)")
+                         f"checkpoints take their architecture from it (see configs/model/v1-inference.yaml)")
     return {n: dict(cfg.architecture[n]) for n in NETWORKS}
 
 
@@ -101,7 +101,7 @@ def write_single_file(model: PretrainedModel, path: str | Path, layout: str, tex
     path = Path(path)
     if layout == "ldm" and path.suffix != ".safetensors":
         raise OutputFolderError(f"{path}: LDM single files are written as .safetensors (pickled .ckpt files are not "
-                         f"written: they can carry code, and every tool that reads .ckpt reads .safetensors)")
+                                f"written: they can carry code, and every tool that reads .ckpt reads .safetensors)")
     if layout == "mindone" and path.suffix != ".ckpt":
         raise OutputFolderError(f"{path}: mindone checkpoints are MindSpore .ckpt files; name the output *.ckpt")
     tensors = single_file_tensors(model, layout, text_layout)

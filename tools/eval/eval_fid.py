@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.real_stats and args.save_stats:
         raise ConfigError("--save_stats saves statistics computed from --real_dir; it cannot be used with "
-                         "--real_stats")
+                          "--real_stats")
     if bool(args.real_dir) == bool(args.real_stats):
         raise ConfigError("give --real_dir DIR or --real_stats FILE.npz (one of them)")
     check_statistics_args(args.real_stats, args.save_stats)  # bad input fails before the network loads
