@@ -218,7 +218,8 @@ def main() -> None:
 
     special = write_clip_tokenizer(out / "tokenizer", VOCABULARY, cfg["tokenizer"]["model_max_length"])
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
-    text_config = CLIPTextConfig(**cfg["text_encoder"], **special, pad_token_id=special["eos_token_id"])
+    # the tokenizer just written decides the vocabulary and special ids (the yaml records the same numbers)
+    text_config = CLIPTextConfig(**{**cfg["text_encoder"], **special, "pad_token_id": special["eos_token_id"]})
 
     vae = train_vae(cfg, args, rng, logger)
     scenes = [synthetic.random_scene(rng) for _ in range(args.num_scenes)]
