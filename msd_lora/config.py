@@ -226,7 +226,10 @@ def load_train_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def write_config(cfg: TrainConfig, path: str | Path) -> None:
-    """The merged config as yaml (it loads back as a --train_config), written atomically."""
+    """The merged config as yaml (it loads back as a --train_config), written atomically. `overwrite` is saved as
+    False: it was an action of that run (replace what was there), not a setting to repeat, and with it the saved
+    config could not be resumed."""
     from msd_lora.files.atomic import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump({k: to_plain(v) for k, v in cfg.to_dict().items()}, sort_keys=False))
+    values = {k: to_plain(v) for k, v in cfg.to_dict().items()} | {"overwrite": False}
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))

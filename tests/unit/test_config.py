@@ -114,11 +114,12 @@ def test_cli_paths_resolve_against_cwd(tmp_path, monkeypatch):
 
 
 def test_merged_config_round_trips(tmp_path):
-    cfg = load_train_config(["--lora_rank", "8", "--validation_prompts", "[a b, c d]"])
+    cfg = load_train_config(["--lora_rank", "8", "--validation_prompts", "[a b, c d]", "--overwrite", "True"])
     write_config(cfg, tmp_path / "train_config.yaml")
     again = load_train_config(["--train_config", str(tmp_path / "train_config.yaml")])
-    assert again == cfg
+    assert again == cfg.replace(overwrite=False)  # an action of that run: the saved config can be resumed
     assert cfg.validation_prompts == ("a b", "c d")
+    assert load_train_config(["--train_config", str(tmp_path / "train_config.yaml"), "--resume", "True"]).resume
 
 
 @pytest.mark.parametrize("name", ["lora_v1.yaml", "lora_v2.yaml", "lora_tiny.yaml"])
