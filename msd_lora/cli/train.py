@@ -1,16 +1,12 @@
 """`python train_text_to_image.py --train_config configs/train/lora_tiny.yaml [--key value ...]`."""
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
-
 from msd_lora.cli.errors import exits_on_user_error
 from msd_lora.config import build_parser, load_train_config
 
 
 @exits_on_user_error
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
         return 0
