@@ -196,7 +196,7 @@ def read_torch_zip(path: str | Path) -> Any:
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AttributeError,
                 OverflowError, zipfile.BadZipFile) as err:
             raise TorchFileError(f"{path}: the pickle inside is corrupt or crafted ({type(err).__name__}: {err})") \
-                from None
+                from err
 
 
 def refuse_legacy_pickle(path: str | Path) -> None:
