@@ -101,7 +101,8 @@ def str_to_bool(text: Any) -> bool:
     return value in TRUE
 
 
-def _number(value: Any, kind: type) -> int | float:
+def number(value: Any, kind: type = float) -> int | float:
+    """`value` (a number or its text) as a finite `kind`; ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError("a boolean is not a number")
     number = float(value) if isinstance(value, str) else value
@@ -128,7 +129,7 @@ def _scalar(value: Any, kind: Any) -> Any:
     if kind is bool:
         return str_to_bool(value)
     if kind in (int, float):
-        return _number(value, kind)
+        return number(value, kind)
     if kind is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError("not text")

@@ -50,12 +50,12 @@ class OutputFolder:
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise UnwritablePathError(f"{self.flag} '{self.path}' is not writable; choose another folder with "
                                       f"--{self.flag}")
-        links = [p.name for p in self.previous_outputs() if p.is_symlink()]
+        found = self.previous_outputs()
+        links = [p.name for p in found if p.is_symlink()]
         if links and not self.overwrite:
             raise RunFolderError(f"{self.flag} '{self.path}' holds symbolic links where the {self.what} writes "
                                  f"({', '.join(links)}): msd-lora does not write through links. Remove them, or pass "
                                  f"--overwrite True to replace them")
-        found = self.previous_outputs()
         if found and not (self.resume or self.overwrite):
             names = ", ".join(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in found[:5])
             how = "--resume True to continue it, " if self.what == "training run" else ""

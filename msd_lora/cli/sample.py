@@ -9,7 +9,6 @@ every image in the folder, and stale ones would count.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from msd_lora.cli.errors import add_debug_flag, exits_on_user_error
 from msd_lora.config import REPO_ROOT
 from msd_lora.errors import ConfigError
-from msd_lora.options import add_arguments, coerce_all, str_to_bool
+from msd_lora.options import add_arguments, coerce_all, number, str_to_bool
 
 TINY_MODEL = REPO_ROOT / "msd_lora/assets/tiny_sd"
 
@@ -103,12 +102,9 @@ def lora_pairs(args: argparse.Namespace) -> list[tuple[str, float]]:
     scales = []
     for text in args.lora_scale or ["1.0"]:
         try:
-            scale = float(text)
-        except ValueError:
-            scale = math.nan
-        if not math.isfinite(scale):
-            raise ConfigError(f"command line: --lora_scale must be a finite number, got {text!r}")
-        scales.append(scale)
+            scales.append(number(text))
+        except ValueError as err:
+            raise ConfigError(f"command line: --lora_scale must be a finite number, got {text!r}") from err
     if len(scales) == 1 and len(paths) > 1:
         scales = scales * len(paths)
     if len(scales) != len(paths):

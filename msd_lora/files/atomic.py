@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,9 +36,3 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> None:
-    """Run `writer(tmp_path)` and move the result into place atomically."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
