@@ -20,12 +20,16 @@ from typing import Any
 
 import yaml
 
+from msd_lora.data.sources import SOURCE_KINDS
 from msd_lora.diffusion.samplers import SAMPLERS
 from msd_lora.errors import ConfigError
 from msd_lora.options import FALSE, TRUE, add_arguments, check_keys, coerce_all, fields_of, setting, suggest, to_plain
+from msd_lora.tokenizer import TOKEN_LENGTHS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS, COMMAND_LINE = "defaults", "command line"
+# mindone's names for the same settings (its train yamls load verbatim)
+ALIASES = {"num_workers": "dataloader_num_workers", "image_filter_size": "min_image_size"}
 
 
 @dataclass(frozen=True)
@@ -44,17 +48,47 @@ class TrainConfig:
                                     "the SD version detected from a single file's weights", path=True)
     pretrained_model_path: str = setting("msd_lora/assets/tiny_sd", "base model: a diffusers folder, an LDM single "
                                          "file (.safetensors / .ckpt) or a mindone .ckpt", path=True)
-    data_path: str = setting("", "dataset folder with img_txt.csv (dir,text)", path=True)
+    data_path: str = setting("", "dataset folder: mindone img_txt.csv, kohya N_name folders, a Hugging Face imagefolder "
+                                 "(metadata.jsonl / .csv) or plain images with instance_prompt (docs/data.md)",
+                             path=True)
     output_path: str = setting("output/", "where checkpoints, logs and samples go", path=True)
     resume: bool | str = setting(False, "False, True (output_path/ckpt/train_resume.safetensors) or a resume file",
                                  path=True)
     overwrite: bool = setting(False, "replace a previous run's files in output_path (otherwise a folder holding a "
                                      "run is refused unless resume)")
     # data
+    dataset_type: str = setting("auto", "dataset layout; auto = detected from data_path", choices=SOURCE_KINDS)
+    caption_extension: str = setting("", "kohya folders: caption file extension; empty = .caption, then .txt")
+    caption_column: str = setting("text", "imagefolder / csv: the caption column")
+    instance_prompt: str = setting("", "caption of every image of a plain image folder")
     train_batch_size: int = setting(4, "images per micro-batch", low=1)
-    image_size: int = setting(512, "training resolution (square)", low=8)
+    image_size: int = setting(512, "training resolution (square; with buckets, the side of the bucket area)", low=8)
+    min_image_size: int = setting(0, "skip images whose short side is smaller (mindone: image_filter_size)", low=0)
     random_crop: bool = setting(False, "random instead of center crop")
     flip: bool = setting(False, "random horizontal flip")
+    dataloader_num_workers: int = setting(1, "threads preparing batches ahead of the step (mindone: num_workers); "
+                                             "results do not depend on it", low=0, high=64)
+    # captions
+    caption_dropout_rate: float = setting(0.0, "probability of training on the empty caption (for guidance)", low=0.0,
+                                          high=1.0)
+    shuffle_caption: bool = setting(False, "shuffle the caption's separated tags at every step")
+    keep_tokens: int = setting(0, "with shuffle_caption: leading tags kept in place", low=0)
+    caption_separator: str = setting(",", "the tag separator for shuffle_caption")
+    caption_prefix: str = setting("", "text put before every caption (joined with a space)")
+    caption_suffix: str = setting("", "text put after every caption (joined with a space)")
+    max_token_length: int = setting(75, "caption tokens encoded (75, 150 or 225: 75-token chunks, kohya/A1111 "
+                                        "style); longer captions are truncated with a warning", choices=TOKEN_LENGTHS)
+    # aspect-ratio buckets
+    enable_bucket: bool = setting(False, "train each image at the aspect-ratio bucket nearest its own")
+    min_bucket_reso: int = setting(256, "smallest bucket side", low=8)
+    max_bucket_reso: int = setting(1024, "largest bucket side", low=8)
+    bucket_reso_steps: int = setting(64, "bucket sides are multiples of this", low=8)
+    bucket_no_upscale: bool = setting(False, "images smaller than image_size² keep their size (bucket rounded down)")
+    # caches
+    cache_latents: bool = setting(False, "encode each image with the VAE once (centre crop; flips cached both ways)")
+    cache_text_embeddings: bool = setting(False, "encode each caption once (text encoder frozen, no shuffle_caption)")
+    cache_to_disk: bool = setting(False, "keep the caches on disk under cache_dir, reused by later runs")
+    cache_dir: str = setting("", "where cache_to_disk writes; empty = $MSD_LORA_CACHE or ~/.cache/msd_lora", path=True)
     # schedule of the run
     epochs: int = setting(10, "passes over the dataset (ignored when max_train_steps > 0)", low=1)
     max_train_steps: int = setting(0, "optimizer steps to run; 0 = epochs x steps per epoch", low=0)
@@ -139,6 +173,21 @@ def build_config(values: Mapping[str, Any], origins: Mapping[str, str]) -> Train
                           f"start_learning_rate {typed['start_learning_rate']:g}: a decaying schedule ends lower")
     if typed["lora_alpha"] is None:
         typed["lora_alpha"] = float(typed["lora_rank"])
+    if typed["cache_latents"] and typed["random_crop"]:
+        raise ConfigError(f"{where('cache_latents')}: cache_latents needs the same crop at every step, but "
+                          f"random_crop is on: turn one of them off (flip is fine: both flips are cached)")
+    if typed["cache_text_embeddings"] and typed["lora_ft_text_encoder"]:
+        raise ConfigError(f"{where('cache_text_embeddings')}: cache_text_embeddings needs a frozen text encoder, but "
+                          f"lora_ft_text_encoder is on: turn one of them off")
+    if typed["cache_text_embeddings"] and typed["shuffle_caption"]:
+        raise ConfigError(f"{where('cache_text_embeddings')}: cache_text_embeddings cannot cache captions that "
+                          f"shuffle_caption changes at every step: turn one of them off")
+    if typed["cache_to_disk"] and not (typed["cache_latents"] or typed["cache_text_embeddings"]):
+        raise ConfigError(f"{where('cache_to_disk')}: cache_to_disk is on but nothing is cached: set cache_latents "
+                          f"and/or cache_text_embeddings")
+    if typed["min_bucket_reso"] > typed["max_bucket_reso"]:
+        raise ConfigError(f"{where('min_bucket_reso')}: min_bucket_reso {typed['min_bucket_reso']} is above "
+                          f"max_bucket_reso {typed['max_bucket_reso']}")
     if typed["resume"] is not False and typed["overwrite"]:
         raise ConfigError(f"{where('overwrite')}: 'overwrite' and 'resume' exclude each other: resume continues the "
                           f"run in output_path, overwrite replaces it")
@@ -190,8 +239,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid yaml: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    raw = unalias(raw, str(path))
     check_keys(TrainConfig, raw, str(path))
     return resolve_paths(raw, path.parent.resolve())
+
+
+def unalias(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """mindone's key names (`ALIASES`) as ours; giving both names of one setting is an error."""
+    out = dict(values)
+    for alias, key in ALIASES.items():
+        if alias in out:
+            if key in out:
+                raise ConfigError(f"{origin}: '{alias}' and '{key}' are the same setting; give one of them")
+            out[key] = out.pop(alias)
+    return out
 
 
 def build_parser(description: str = "Train a Stable Diffusion LoRA.") -> argparse.ArgumentParser:
@@ -201,6 +262,8 @@ def build_parser(description: str = "Train a Stable Diffusion LoRA.") -> argpars
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--train_config", default=argparse.SUPPRESS, help="yaml with any of the keys below")
     add_arguments(parser, TrainConfig)
+    for alias, key in ALIASES.items():
+        parser.add_argument(f"--{alias}", dest=f"alias.{alias}", default=argparse.SUPPRESS, help=f"same as --{key}")
     add_debug_flag(parser)
     return parser
 
@@ -213,6 +276,8 @@ def load_train_config(argv: Sequence[str] | None = None) -> TrainConfig:
         raise ConfigError(f"{COMMAND_LINE}: unknown flag '{unknown[0]}'.{suggest(flag, list(fields_of(TrainConfig)))}")
     explicit = vars(args)
     explicit.pop("debug", None)
+    aliased = {k.removeprefix("alias."): explicit.pop(k) for k in list(explicit) if k.startswith("alias.")}
+    explicit = unalias({**explicit, **aliased}, COMMAND_LINE)
     values = resolve_paths({k: i.default for k, i in fields_of(TrainConfig).items()}, REPO_ROOT)
     origins: dict[str, str] = {}
     if "train_config" in explicit:

@@ -132,16 +132,60 @@ def is_standard_clip(folder: str | Path) -> bool:
     return "added_tokens.json" not in mine and all(mine.get(n) == standard[n] for n in ("vocab.json", "merges.txt"))
 
 
-class PromptTokenizer:
-    """CLIP tokenizer of a model, returning fixed-length numpy ids both backends take."""
+TOKEN_LENGTHS = (75, 150, 225)  # max_token_length: one, two or three 77-token chunks
 
-    def __init__(self, tokenizer_dir: str | Path):
+
+class PromptTokenizer:
+    """CLIP tokenizer of a model, returning fixed-length numpy ids both backends take.
+
+    `max_token_length` 150 or 225 encodes long prompts the way kohya and A1111 do for SD 1.x / 2.x: the text's
+    tokens in chunks of 75, each chunk `BOS + 75 tokens + EOS` padded to 77 (SD 2's `!` padding keeps an EOS after
+    the text, or right after BOS in an empty chunk), ids (N, chunks * 77). The text encoder runs on every chunk and
+    `join_chunks` keeps the first BOS state, the 75 inner states of each chunk and the last state. With 75 (one
+    chunk) the ids equal the tokenizer's usual `max_length=77` output."""
+
+    def __init__(self, tokenizer_dir: str | Path, max_token_length: int = 75):
         from transformers import CLIPTokenizer
 
+        if max_token_length not in TOKEN_LENGTHS:
+            raise ValueError(f"max_token_length must be one of {TOKEN_LENGTHS}, got {max_token_length}")
         self._tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        self.max_length = int(self._tok.model_max_length)
+        self.chunk_length = int(self._tok.model_max_length)  # 77: BOS + 75 + EOS
+        self.chunks = max_token_length // 75
+        self.max_tokens = self.chunks * (self.chunk_length - 2)
+        self.max_length = self.chunks * self.chunk_length
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """How many tokens each prompt has, without BOS/EOS."""
+        return [len(ids) for ids in self._tok(list(prompts), add_special_tokens=False, verbose=False).input_ids]
+
+    def overlong(self, prompts: list[str]) -> list[tuple[str, int]]:
+        """(prompt, its token count) of every prompt longer than max_token_length: those are truncated."""
+        return [(p, n) for p, n in zip(prompts, self.token_counts(prompts)) if n > self.max_tokens]
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
-        ids = self._tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                        return_tensors="np").input_ids
-        return ids.astype(np.int64)
+        tok, body = self._tok, self.chunk_length - 2
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        rows = []
+        for ids in tok(list(prompts), add_special_tokens=False, verbose=False).input_ids:
+            ids = ids[:self.max_tokens]
+            row = []
+            for i in range(self.chunks):
+                part = ids[i * body:(i + 1) * body]
+                row += [bos, *part, eos] + [pad] * (body - len(part))
+            rows.append(row)
+        return np.asarray(rows, dtype=np.int64)
+
+
+def join_chunks(states, chunks: int, cat):
+    """Text-encoder states of (N * chunks, 77, D) chunks -> (N, 2 + 75 * chunks, D): the first chunk's BOS, every
+    chunk's 75 inner states, the last chunk's last state. `cat(list, axis)` is the framework's concatenation; the
+    same slicing runs on torch and MindSpore tensors (and inside a MindSpore graph)."""
+    if chunks == 1:
+        return states
+    length, width = states.shape[1], states.shape[2]
+    grouped = states.reshape(-1, chunks, length, width)
+    parts = [grouped[:, 0, :1]] + [grouped[:, i, 1:length - 1] for i in range(chunks)] + [grouped[:, chunks - 1,
+                                                                                                   length - 1:]]
+    return cat(parts, 1)

@@ -10,6 +10,7 @@ checkpoint and says how to resume (a second Ctrl-C stops at once).
 """
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -25,7 +26,10 @@ import numpy as np
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, get_backend
 from msd_lora.checkpoint import RESUME_NAME, ResumeState, load_resume, save_resume
 from msd_lora.config import TrainConfig, write_config
-from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
+from msd_lora.data.batching import BatchOrder
+from msd_lora.data.buckets import BucketSettings
+from msd_lora.data.cache import weights_identity
+from msd_lora.data.captions import CaptionOptions
 from msd_lora.data.dataset import CaptionedImageDataset
 from msd_lora.errors import ConfigError, LoraMismatchError, ResumeError
 from msd_lora.files.atomic import atomic_write_text
@@ -37,12 +41,12 @@ from msd_lora.lr_schedule import learning_rate
 from msd_lora.models.pretrained import load_model
 from msd_lora.output_folder import OutputFolder
 from msd_lora.sample import Pipeline, SamplingOptions, generate, image_grid, save_png
-from msd_lora.tokenizer import PromptTokenizer
+from msd_lora.tokenizer import PromptTokenizer, cache_root
+from msd_lora.train_inputs import CacheSettings, TrainingInputs
 from msd_lora.train_log import TrainLog
 
-NOISE_STREAM = 0x5EED  # keeps the noise stream apart from the data-order stream [seed, epoch]
 RUN_OUTPUTS = ("lora.safetensors", "lora_mindone.ckpt", "train_config.yaml", "train_log.csv", "ckpt", "validation",
-               "tensorboard")
+               "tensorboard", "buckets.json")
 VALIDATION_IMAGES = 4  # per validation prompt
 
 
@@ -81,18 +85,32 @@ class Trainer:
         self.folder.check()  # before minutes of loading: a folder holding another run is refused now
         self.output = Path(cfg.output_path)
         if not cfg.data_path:
-            raise ConfigError("data_path is not set: give --data_path FOLDER (or data_path: in the yaml), a folder "
-                              "with img_txt.csv and its images")
+            raise ConfigError("data_path is not set: give --data_path FOLDER (or data_path: in the yaml), a dataset "
+                              "folder (docs/data.md)")
         if cfg.init_lora_path:
             lora_file_path(cfg.init_lora_path)  # exists: checked before the model loads
         pretrained, self.model_config = load_model(cfg.pretrained_model_path, cfg.model_config or None)
         self.schedule = self.model_config.noise_schedule()
-        self.notes = [pretrained.metadata["note"]] if pretrained.metadata.get("note") else []
+        self.notes = [n for n in (self.model_config.note, pretrained.metadata.get("note")) if n]
         self.module_index = ModuleIndex.for_model(pretrained.configs)
-        self.dataset = CaptionedImageDataset(cfg.data_path, cfg.image_size, random_crop=cfg.random_crop,
-                                             flip=cfg.flip)
-        self.order = BatchOrder(len(self.dataset), cfg.train_batch_size, cfg.seed)
-        self.tokenizer = PromptTokenizer(pretrained.tokenizer_dir)
+        self.buckets = self._bucket_settings(pretrained.configs)
+        self.dataset = CaptionedImageDataset(
+            cfg.data_path, cfg.image_size, random_crop=cfg.random_crop, flip=cfg.flip, caption_column=cfg.caption_column,
+            dataset_type=cfg.dataset_type, caption_extension=cfg.caption_extension, instance_prompt=cfg.instance_prompt,
+            buckets=self.buckets, min_image_size=cfg.min_image_size)
+        self.order = BatchOrder(self.dataset.groups(), cfg.train_batch_size, cfg.seed)
+        self.captions = CaptionOptions(dropout_rate=cfg.caption_dropout_rate, shuffle=cfg.shuffle_caption,
+                                       keep_tokens=cfg.keep_tokens, separator=cfg.caption_separator,
+                                       prefix=cfg.caption_prefix, suffix=cfg.caption_suffix)
+        self.tokenizer = PromptTokenizer(pretrained.tokenizer_dir, cfg.max_token_length)
+        self.notes += self._truncation_notes()
+        caches = CacheSettings(
+            latents=cfg.cache_latents, text=cfg.cache_text_embeddings,
+            folder=str(Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features") if cfg.cache_to_disk
+            else None,
+            vae_identity=weights_identity(pretrained.state["vae"]) if cfg.cache_latents else "",
+            text_encoder_identity=weights_identity(pretrained.state["text_encoder"]) if cfg.cache_text_embeddings
+            else "")
         self.backend = backend or get_backend(cfg.backend, BackendOptions.from_config(cfg))
         self.info = self.backend.load_model(pretrained, self.model_config.prediction_type)
         if cfg.image_size % self.info.vae_scale_factor:
@@ -110,8 +128,52 @@ class Trainer:
             self.notes.append(message)
         self.backend.add_lora(self.spec, targets, initial)
         self.backend.configure_training(OptimizerSettings.from_config(cfg))
+        self.inputs = TrainingInputs(self.dataset, self.order, self.captions, self.tokenizer, self.backend, self.info,
+                                     self.schedule, cfg.seed, cfg.dataloader_num_workers, caches)
         self.plan = self._plan()
         self._stop_requested = False
+
+    def _bucket_settings(self, configs: dict[str, dict]) -> BucketSettings | None:
+        cfg = self.cfg
+        if not cfg.enable_bucket:
+            return None
+        settings = BucketSettings(cfg.image_size, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps,
+                                  cfg.bucket_no_upscale)
+        vae_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+        settings.check(vae_factor * 2 ** (len(configs["unet"]["block_out_channels"]) - 1))
+        return settings
+
+    def _truncation_notes(self) -> list[str]:
+        """A note when captions are longer than max_token_length (they are truncated)."""
+        fixed = sorted({self.captions.fixed(c) for c in self.dataset.captions})
+        overlong = self.tokenizer.overlong(fixed)
+        if not overlong:
+            return []
+        longest = max(n for _, n in overlong)
+        wider = [n for n in (150, 225) if n > self.cfg.max_token_length]
+        hint = f"; max_token_length {wider[-1]} would keep up to {wider[-1]} tokens" if wider else ""
+        return [f"warning: {len(overlong)} of {len(fixed)} captions are longer than max_token_length "
+                f"{self.cfg.max_token_length} tokens (the longest has {longest}) and are truncated, e.g. "
+                f"'{overlong[0][0][:60]}...'{hint}"]
+
+    def data_summary(self) -> str:
+        """The dataset, its epoch and its buckets, as printed at the start of a run."""
+        listing, counts = self.dataset.listing, self.dataset.bucket_counts()
+        lines = [f"dataset: {listing.kind} ({listing.listed_in}), {len(self.dataset)} images, "
+                 f"{self.order.num_items} per epoch with repeats, {self.order.steps_per_epoch} batches of "
+                 f"{self.cfg.train_batch_size} per epoch"]
+        if len(counts) > 1 or self.buckets is not None:
+            lines.append("buckets (width x height: images, with repeats): " + ", ".join(
+                f"{w}x{h}: {n} ({r})" for (w, h), (n, r) in counts.items()))
+        return "\n".join(lines)
+
+    def write_bucket_table(self) -> Path:
+        table = {"enable_bucket": self.buckets is not None, "steps_per_epoch": self.order.steps_per_epoch,
+                 "buckets": [{"width": w, "height": h, "images": n, "with_repeats": r}
+                             for (w, h), (n, r) in self.dataset.bucket_counts().items()]}
+        path = self.output / "buckets.json"
+        atomic_write_text(path, json.dumps(table, indent=2) + "\n")
+        return path
 
     def _plan(self) -> RunPlan:
         cfg, micro = self.cfg, self.order.steps_per_epoch
@@ -124,17 +186,7 @@ class Trainer:
     # --- data -------------------------------------------------------------------------------
     def micro_batch(self, micro_step: int) -> StepBatch:
         """The exact inputs of micro-step `micro_step` (0-based, counted over the whole run)."""
-        epoch, index = divmod(micro_step, self.plan.micro_steps_per_epoch)
-        aug = augmentation_rng(self.cfg.seed, epoch, index)
-        pixels, captions = collate([self.dataset.load(int(i), aug) for i in self.order.batch(epoch, index)])
-        rng = np.random.default_rng([self.cfg.seed, NOISE_STREAM, micro_step])
-        shape = self.info.latent_shape(len(captions), self.cfg.image_size)
-        timesteps = rng.integers(0, self.schedule.num_train_timesteps, shape[0]).astype(np.int64)
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        posterior_noise = rng.standard_normal(shape, dtype=np.float32)
-        sqrt_alpha, sqrt_one_minus = self.schedule.coefficients(timesteps)
-        return StepBatch(pixels=pixels, token_ids=self.tokenizer(captions), posterior_noise=posterior_noise,
-                         noise=noise, timesteps=timesteps, sqrt_alpha=sqrt_alpha, sqrt_one_minus_alpha=sqrt_one_minus)
+        return self.inputs(micro_step)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of 0-based optimizer step `step`."""
@@ -195,12 +247,16 @@ class Trainer:
             messages = [f"replacing the previous run in {self.output} ({', '.join(self.folder.replaced)})"] \
                 if self.folder.replaced else []
             write_config(self.cfg, self.output / "train_config.yaml")
-            messages += self.notes
+            self.write_bucket_table()
+            messages += self.notes + [self.data_summary()]
             start, skipped = self._restore(messages.append)
             log = TrainLog(self.output, self.plan.total_steps, start, show_progress=self.show_progress)
             try:
                 for text in messages:
                     log.message(text)
+                for cache, (reused, computed) in self.inputs.fill_caches(self._progress).items():
+                    log.message(f"{cache} cache: {reused} entries reused, {computed} computed"
+                                + (f" ({self.inputs.caches.folder})" if self.inputs.caches.folder else " (in memory)"))
                 done, skipped, loss = self._train(log, start, skipped)
                 if done < self.plan.total_steps:
                     self._stop(log, done, start, skipped)
@@ -212,6 +268,7 @@ class Trainer:
                     log.message(f"also saved in mindone's LoRA format: {native}")
             finally:
                 log.close()
+                self.inputs.close()
             self.write_validation_samples()
         return TrainResult(self.output, lora_path, self.plan.total_steps, skipped, loss)
 
@@ -250,6 +307,18 @@ class Trainer:
             if self._checkpoint_due(done) or done == self.plan.total_steps:
                 self.save_checkpoint(done, skipped)
         return done, skipped, loss
+
+    def _progress(self, what: str, total: int) -> Callable[[int], None]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=what, unit="item", disable=not self.show_progress or total == 0, leave=False)
+
+        def advance(n: int) -> None:
+            bar.update(n)
+            if bar.n >= total:
+                bar.close()
+
+        return advance
 
     def _request_stop(self) -> None:
         self._stop_requested = True

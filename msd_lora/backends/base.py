@@ -37,9 +37,10 @@ class ModelInfo:
                    vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
                    scaling_factor=float(vae.get("scaling_factor", DEFAULT_VAE_SCALING)), base_model=model.source)
 
-    def latent_shape(self, batch: int, image_size: int) -> tuple[int, int, int, int]:
-        side = image_size // self.vae_scale_factor
-        return (batch, self.latent_channels, side, side)
+    def latent_shape(self, batch: int, height: int, width: int | None = None) -> tuple[int, int, int, int]:
+        """(batch, channels, h, w) of the latents of `height` x `width` images (square when width is None)."""
+        width = height if width is None else width
+        return (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,23 @@ class OptimizerSettings:
 
 @dataclass(frozen=True)
 class StepBatch:
-    """Everything one micro-batch step needs, drawn by the loop in numpy."""
+    """Everything one micro-batch step needs, drawn by the loop in numpy. The images arrive as their VAE posterior
+    (from the latent cache or encoded just before the step); the captions as token ids when the text encoder trains,
+    else as its output (from the text cache or encoded just before the step)."""
 
-    pixels: np.ndarray  # (B, 3, H, W) float32 in [-1, 1]
-    token_ids: np.ndarray  # (B, L) int64
-    posterior_noise: np.ndarray  # (B, C, h, w) float32: sample of the VAE posterior
+    latent_mean: np.ndarray  # (B, C, h, w) float32: VAE posterior mean, before the scaling factor
+    latent_std: np.ndarray  # (B, C, h, w) float32: VAE posterior standard deviation
+    posterior_noise: np.ndarray  # (B, C, h, w) float32: latents = (mean + std * posterior_noise) * scaling
     noise: np.ndarray  # (B, C, h, w) float32: diffusion noise
     timesteps: np.ndarray  # (B,) int64
     sqrt_alpha: np.ndarray  # (B,) float32
     sqrt_one_minus_alpha: np.ndarray  # (B,) float32
+    token_ids: np.ndarray | None = None  # (B, chunks * 77) int64, when the text encoder trains
+    context: np.ndarray | None = None  # (B, L, D) float32 text-encoder output, when it is frozen
+
+    def __post_init__(self) -> None:
+        if (self.token_ids is None) == (self.context is None):
+            raise ValueError("a StepBatch holds either token_ids (text encoder trained) or context (frozen)")
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ class Backend(ABC):
         self.info: ModelInfo | None = None
         self.prediction_type = "epsilon"
         self.alpha = 1.0
+        self.trains_text_encoder = False  # set by add_lora: then a StepBatch carries token ids, not a context
 
     # --- model -------------------------------------------------------------------------------
     def load_model(self, model: PretrainedModel, prediction_type: str) -> ModelInfo:
@@ -163,6 +173,7 @@ class Backend(ABC):
     def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
         """Wrap the target layers with trainable LoRA starting at `init`; freeze everything else."""
         self.alpha = spec.alpha
+        self.trains_text_encoder = bool(targets.get("text_encoder"))
         self._inject_lora(spec, targets)
         trainable, lora = self._trainable_count(), len(to_tensors(self.lora_weights()))
         if trainable != lora:  # what mindone asserts after injecting LoRA
@@ -213,9 +224,20 @@ class Backend(ABC):
         """Set moments and step (fresh when absent), EMA (from the weights when absent), and the dynamic loss
         scale (only under a dynamic scaler, and only when the state recorded one)."""
 
+    # --- encoding (before the step, or into a cache) --------------------------------------------
+    @abstractmethod
+    def encode_moments(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels (N, 3, H, W) in [-1, 1] -> the VAE posterior's (mean, std), each (N, C, H/f, W/f) float32."""
+
+    def encode_text(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token ids (N, chunks * 77) -> the frozen text encoder's output (N, L, D) float32 (`encode_prompts`)."""
+        return self.numpy(self.encode_prompts(token_ids))
+
     # --- sampling ----------------------------------------------------------------------------
     @abstractmethod
-    def encode_prompts(self, token_ids: np.ndarray) -> Any: ...
+    def encode_prompts(self, token_ids: np.ndarray) -> Any:
+        """Token ids (N, chunks * 77) -> text-encoder states, long prompts' 77-token chunks joined
+        (`tokenizer.join_chunks`)."""
 
     @abstractmethod
     def denoise(self, latents: Any, t: float, contexts: list[Any]) -> list[Any]:
@@ -228,6 +250,17 @@ class Backend(ABC):
     @abstractmethod
     def tensor(self, array: np.ndarray) -> Any:
         """A numpy array as this backend's tensor on its device."""
+
+    @abstractmethod
+    def numpy(self, tensor: Any) -> np.ndarray:
+        """This backend's tensor as a float32 numpy array."""
+
+    def check_batch(self, batch: StepBatch) -> None:
+        """A batch must carry token ids exactly when this backend trains the text encoder."""
+        if self.trains_text_encoder != (batch.token_ids is not None):
+            wanted = "token_ids" if self.trains_text_encoder else "context"
+            raise ValueError(f"this backend {'trains' if self.trains_text_encoder else 'freezes'} the text encoder: "
+                             f"its StepBatch must carry {wanted}")
 
     def save_native_lora(self, path: str, weights: LoraWeights, module_index: Any) -> str | None:
         """Also write the LoRA in this framework's own trainer format (mindone's .ckpt); None when there is none."""

@@ -7,7 +7,7 @@ Each backend's probe reads the same computation its train step runs (on MindSpor
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -21,8 +21,14 @@ class Probe(Protocol):
     def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
         """d(loss)/d(LoRA weight) by canonical tensor key, without touching optimizer state."""
 
-    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> Any:
+    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> np.ndarray:
         """Pixels (N, 3, H, W) in [-1, 1] -> latents as the UNet sees them: (mean + std * noise) * scaling factor."""
+
+
+def training_latents(backend: Backend, pixels: np.ndarray, posterior_noise: np.ndarray) -> np.ndarray:
+    """The latents a train step computes from `pixels` and the posterior noise, through the backend's VAE."""
+    mean, std = backend.encode_moments(pixels)
+    return (mean + std * posterior_noise) * backend.info.scaling_factor
 
 
 def probe_for(backend: Backend) -> Probe:

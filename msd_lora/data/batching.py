@@ -16,60 +16,68 @@ _AUGMENTATION_TAG = 0x61756721
 
 
 class BatchOrder:
-    """Which items make up batch `index` of `epoch`.
+    """Which items make up batch `index` of `epoch`, with one image shape per batch.
 
-    Each epoch is a permutation drawn from ``np.random.default_rng([seed, epoch])`` (or the
-    identity when ``shuffle=False``), cut into consecutive batches. With ``drop_last`` the
-    leftover items of an epoch are not used in that epoch (they are in others, as the
-    permutation changes).
+    `groups` holds the items of each bucket (an image with repeats appears that many times). Each epoch, drawn
+    from ``np.random.default_rng([seed, epoch])``: every group is permuted and cut into batches; a group's last,
+    partial batch is filled up with the first items of its own permutation (so every item is seen each epoch and
+    every batch is full and of one shape); then the order of all batches is permuted. With ``shuffle=False`` items
+    and batches keep their order. Steps per epoch = the sum over groups of ceil(items / batch_size) — the count
+    kohya uses.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, drop_last: bool = True,
-                 shuffle: bool = True) -> None:
-        if num_items <= 0:
-            raise ValueError(f"num_items must be positive, got {num_items}")
+    def __init__(self, groups: list[np.ndarray] | int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        if isinstance(groups, int):
+            groups = [np.arange(groups)]
+        groups = [np.asarray(g, dtype=np.int64) for g in groups if len(g)]
+        if not groups:
+            raise DatasetError("the dataset has no items to train on")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
-        if drop_last and num_items < batch_size:
-            raise DatasetError(
-                f"the dataset has {num_items} items but the batch size is {batch_size}: with "
-                f"drop_last every batch must be full, so no batch could be formed; "
-                f"set train_batch_size to at most {num_items} or add more images"
-            )
-        self.num_items = num_items
+        self.groups = groups
         self.batch_size = batch_size
         self.seed = seed
-        self.drop_last = drop_last
         self.shuffle = shuffle
-        self._cached: tuple[int, np.ndarray] | None = None
+        self._cached: tuple[int, list[tuple[int, np.ndarray]]] | None = None
+
+    @property
+    def num_items(self) -> int:
+        return sum(len(g) for g in self.groups)
 
     @property
     def steps_per_epoch(self) -> int:
         """Number of batches in one epoch."""
-        if self.drop_last:
-            return self.num_items // self.batch_size
-        return -(-self.num_items // self.batch_size)
+        return sum(-(-len(g) // self.batch_size) for g in self.groups)
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        """Order of all item indices in `epoch`."""
+    def batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """(group, item indices) of every batch of `epoch`, in order."""
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
         if self._cached is None or self._cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            batches = []
+            for g, items in enumerate(self.groups):
+                order = rng.permutation(items) if self.shuffle else items
+                count = -(-len(order) // self.batch_size)
+                filled = np.resize(order, count * self.batch_size)  # np.resize repeats from the start
+                batches += [(g, filled[i * self.batch_size:(i + 1) * self.batch_size]) for i in range(count)]
             if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
-            else:
-                order = np.arange(self.num_items)
-            self._cached = (epoch, order.astype(np.int64))
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._cached = (epoch, batches)
         return self._cached[1]
 
     def batch(self, epoch: int, index: int) -> np.ndarray:
         """Item indices of batch `index` (0-based, < steps_per_epoch) of `epoch`."""
+        return self.group_batch(epoch, index)[1]
+
+    def group_batch(self, epoch: int, index: int) -> tuple[int, np.ndarray]:
+        """(group, item indices) of batch `index` of `epoch`."""
         if not 0 <= index < self.steps_per_epoch:
             raise IndexError(f"batch index {index} out of range: an epoch has {self.steps_per_epoch} batches")
-        start = index * self.batch_size
-        return self.permutation(epoch)[start:start + self.batch_size].copy()
+        group, items = self.batches(epoch)[index]
+        return group, items.copy()
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, batch index) of global step `step` (0-based), for resuming from a step count."""
@@ -78,11 +86,13 @@ class BatchOrder:
         return divmod(step, self.steps_per_epoch)
 
 
-def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """Generator for the random crops/flips of batch `index` of `epoch`; independent of the batch order stream."""
-    if min(seed, epoch, index) < 0:
-        raise ValueError(f"seed, epoch and index must be non-negative, got {seed}, {epoch}, {index}")
-    return np.random.default_rng([seed, epoch, index, _AUGMENTATION_TAG])
+def augmentation_rng(seed: int, epoch: int, index: int, slot: int | None = None) -> np.random.Generator:
+    """Generator for the random crops, flips and caption changes of batch `index` of `epoch` (of its item `slot`
+    when given); independent of the batch order stream and of the other items."""
+    key = (seed, epoch, index) if slot is None else (seed, epoch, index, slot)
+    if min(key) < 0:
+        raise ValueError(f"seed, epoch, index and slot must be non-negative, got {key}")
+    return np.random.default_rng([*key, _AUGMENTATION_TAG])
 
 
 def collate(items: list[tuple[np.ndarray, str]]) -> tuple[np.ndarray, list[str]]:

@@ -12,8 +12,19 @@ from PIL import Image
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale PNG/TIFF open in one of these
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16 ...) to RGB; alpha is composited onto white."""
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, 16-bit greyscale ...) to RGB; alpha is composited onto white.
+
+    16-bit greyscale is scaled to 8 bits (PIL's own conversion clips every value above 255 to white)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(levels.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":  # 32-bit float greyscale, by convention in [0, 1]
+        levels = np.asarray(img, dtype=np.float64) * 255.0
+        return Image.fromarray(np.clip(levels.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         img.mode == "P" and "transparency" in img.info
     )
@@ -36,17 +47,32 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new_size, Image.Resampling.BICUBIC)
 
 
+def resize_to_cover(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize (bicubic, keeping the aspect ratio) to the smallest size that covers `width` x `height`."""
+    w, h = img.size
+    scale = max(width / w, height / h)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
+    return img if size == (w, h) else img.resize(size, Image.Resampling.BICUBIC)
+
+
+def crop_box(size: tuple[int, int], target: tuple[int, int],
+             rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a `target` (width, height) window in an image of `size`: centred when `rng` is
+    None, else at an offset drawn from `rng`."""
+    (width, height), (tw, th) = size, target
+    if width < tw or height < th:
+        raise ValueError(f"cannot crop {tw}x{th} from a {width}x{height} image; resize it first")
+    if rng is None:
+        left, top = (width - tw) // 2, (height - th) // 2
+    else:
+        left = int(rng.integers(0, width - tw + 1))
+        top = int(rng.integers(0, height - th + 1))
+    return left, top, left + tw, top + th
+
+
 def crop(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:
     """Crop a `size`x`size` square: centred when `rng` is None, else at an offset drawn from `rng`."""
-    width, height = img.size
-    if width < size or height < size:
-        raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image; resize it first")
-    if rng is None:
-        left, top = (width - size) // 2, (height - size) // 2
-    else:
-        left = int(rng.integers(0, width - size + 1))
-        top = int(rng.integers(0, height - size + 1))
-    return img.crop((left, top, left + size, top + size))
+    return img.crop(crop_box(img.size, (size, size), rng))
 
 
 def hflip(img: Image.Image) -> Image.Image:

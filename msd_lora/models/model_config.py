@@ -1,6 +1,7 @@
 """Model yamls under configs/model/: the noise schedule, prediction type and architecture of an SD variant."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,11 @@ from msd_lora.diffusion.schedule import NoiseSchedule
 from msd_lora.errors import ModelError
 
 REQUIRED = ("name", "image_size", "prediction_type", "schedule")
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+# mindone's model-config names (examples/stable_diffusion_v2/configs) -> the shipped config of the same model
+MINDONE_NAMES = {"v1-train.yaml": "v1-inference.yaml", "v1-inference.yaml": "v1-inference.yaml",
+                 "v2-train.yaml": "v2-inference.yaml", "v2-inference.yaml": "v2-inference.yaml",
+                 "v2-vpred-train.yaml": "v2-inference-v.yaml", "v2-vpred-inference.yaml": "v2-inference-v.yaml"}
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,7 @@ class ModelConfig:
     architecture: dict[str, dict[str, Any]] = field(default_factory=dict)  # unet / vae / text_encoder / tokenizer
     path: str = ""
     version: str = ""  # v1 | v2-base | v2-v | tiny | "" (unknown)
+    note: str = ""  # how the path given was read (a mindone name mapped to ours)
     text_encoder_layout: str = "clip"  # how LDM single files store the text encoder: clip | open_clip
 
     def noise_schedule(self) -> NoiseSchedule:
@@ -30,7 +37,13 @@ class ModelConfig:
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
+    """A model yaml; a mindone model-config name that is not a file here (`configs/v1-train.yaml`, ...) reads the
+    shipped config of the same model, with a note saying so."""
     path = Path(path)
+    if not path.is_file() and path.name in MINDONE_NAMES:
+        ours = SHIPPED_DIR / MINDONE_NAMES[path.name]
+        note = f"model_config {path}: mindone's {path.name} is read as {ours.relative_to(SHIPPED_DIR.parents[1])}"
+        return dataclasses.replace(load_model_config(ours), note=note)
     if not path.is_file():
         available = ", ".join(sorted(p.name for p in path.parent.glob("*.yaml"))) if path.parent.is_dir() else ""
         hint = f" (available in {path.parent}: {available})" if available else ""

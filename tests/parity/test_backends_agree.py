@@ -88,13 +88,15 @@ def runs(pair):
 
 def test_networks_agree(pair, measured):
     torch_t, ms_t = pair
-    batch = torch_t.micro_batch(0)
-    text = [to_numpy(t.backend.encode_prompts(batch.token_ids)) for t in pair]
+    host = torch_t.inputs.batches.get(0)  # the images and captions of the first step
+    token_ids = torch_t.tokenizer(host.captions)
+    text = [to_numpy(t.backend.encode_prompts(token_ids)) for t in pair]
     assert measured("text encoder output", max_relative_error(text[1], text[0]), 1e-4) <= 1e-4
-    latents = [to_numpy(probe_for(t.backend).encode_images(batch.pixels, batch.posterior_noise)) for t in pair]
+    posterior_noise = torch_t.micro_batch(0).posterior_noise
+    latents = [probe_for(t.backend).encode_images(host.pixels, posterior_noise) for t in pair]
     assert measured("VAE encode (latents)", max_relative_error(latents[1], latents[0]), 1e-4) <= 1e-4
     noisy = np.random.default_rng(0).standard_normal(latents[0].shape).astype(np.float32)
-    preds = [to_numpy(t.backend.denoise(t.backend.tensor(noisy), 500, [t.backend.encode_prompts(batch.token_ids)])[0])
+    preds = [to_numpy(t.backend.denoise(t.backend.tensor(noisy), 500, [t.backend.encode_prompts(token_ids)])[0])
              for t in pair]
     assert measured("UNet prediction", max_relative_error(preds[1], preds[0]), 1e-4) <= 1e-4
     images = [t.backend.decode(t.backend.tensor(latents[0])) for t in pair]

@@ -92,7 +92,8 @@ def batch(sd2_folder) -> StepBatch:
     timesteps = np.array([100, 900])
     alpha, sigma = schedule.coefficients(timesteps)
     ids = PromptTokenizer(sd2_folder / "tokenizer")(["a red circle", "a blue square on a green background"])
-    return StepBatch(pixels=np.tanh(rng.standard_normal((2, 3, 16, 16))).astype(np.float32), token_ids=ids,
+    return StepBatch(latent_mean=rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+                     latent_std=rng.uniform(0.01, 0.2, (2, 4, 8, 8)).astype(np.float32), token_ids=ids,
                      posterior_noise=rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
                      noise=rng.standard_normal((2, 4, 8, 8)).astype(np.float32), timesteps=timesteps,
                      sqrt_alpha=alpha, sqrt_one_minus_alpha=sigma)

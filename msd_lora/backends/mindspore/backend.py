@@ -14,23 +14,13 @@ from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, S
 from msd_lora.backends.mindspore import lora as ms_lora
 from msd_lora.backends.mindspore.context import configure_context, import_mindone_quietly
 from msd_lora.backends.mindspore.models import build_networks, load_state, named_parameters
-from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeLatents, FlatLayout, TrainStep
+from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeMoments, FlatLayout, TextStates, TrainStep
 from msd_lora.checkpoint import TrainingState
-from msd_lora.errors import ConfigError
 from msd_lora.lora.core import DOWN, UP, LoraWeights, to_tensors
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
 
 import_mindone_quietly()
-
-
-class _TextEncode(nn.Cell):
-    def __init__(self, text_encoder):
-        super().__init__(auto_prefix=False)
-        self.text_encoder = text_encoder
-
-    def construct(self, token_ids):
-        return self.text_encoder(token_ids)[0]
 
 
 class _Denoise(nn.Cell):
@@ -62,10 +52,11 @@ class MindSporeBackend(Backend):
         if options.mixed_precision != "no":
             warnings.warn(f"mixed_precision '{options.mixed_precision}' is torch autocast and does nothing on "
                           f"MindSpore: use lora_fp16: True for float16 LoRA compute", UserWarning, stacklevel=2)
-        if options.enable_flash_attention and self.device_target != "Ascend":
-            raise ConfigError(f"enable_flash_attention needs Ascend (MindSpore's flash-attention kernel exists only "
-                              f"there); this run's device target is {self.device_target}. Set "
-                              f"enable_flash_attention: False")
+        self.flash_attention = options.enable_flash_attention and self.device_target == "Ascend"
+        if options.enable_flash_attention and not self.flash_attention:  # mindone's v2 yamls ask for it
+            warnings.warn(f"enable_flash_attention needs Ascend (MindSpore's flash-attention kernel exists only "
+                          f"there); on {self.device_target} the UNet uses standard attention", UserWarning,
+                          stacklevel=2)
         self.components: dict[str, nn.Cell] = {}
         self.lora_cells: dict[str, ms_lora.LoraLinear] = {}
         self.step: TrainStep | None = None
@@ -79,7 +70,8 @@ class MindSporeBackend(Backend):
             for param in network.get_parameters():
                 param.requires_grad = False
         self.unet, self.vae, self.text_encoder = networks["unet"], networks["vae"], networks["text_encoder"]
-        if self.options.enable_flash_attention:  # Ascend only (checked above); the kernel takes fp16, so fp32 is cast
+        self.chunk_length = int(model.configs["text_encoder"].get("max_position_embeddings", 77))
+        if self.flash_attention:  # the kernel takes fp16, so fp32 is cast
             self.unet.enable_flash_sdp(True)
             self.unet.set_flash_attention_force_cast_dtype(ms.float16)
         self.components = {"unet": self.unet, "text_encoder": self.text_encoder}
@@ -88,11 +80,12 @@ class MindSporeBackend(Backend):
     def _build_graphs(self) -> None:
         """Fresh graph cells: a graph compiled before LoRA injection would keep running the network without it."""
         scaling = self.info.scaling_factor
-        self._text = _TextEncode(self.text_encoder)
+        self._text = TextStates(self.text_encoder, self.chunk_length)
         self._denoise = _Denoise(self.unet)
         self._decode = _Decode(self.vae, scaling)
-        self.encode_latents = EncodeLatents(self.vae, scaling)
-        self.loss = DiffusionLoss(self.unet, self.text_encoder, self.encode_latents, self.prediction_type)
+        self._moments = EncodeMoments(self.vae)
+        self.loss = DiffusionLoss(self.unet, self._text if self.trains_text_encoder else None, scaling,
+                                  self.prediction_type)
         self.step = None  # a train step built before holds the old graph
 
     def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
@@ -143,8 +136,10 @@ class MindSporeBackend(Backend):
 
     def step_inputs(self, batch: StepBatch) -> tuple[Tensor, ...]:
         """The train step's (and the loss's) tensor inputs, in DiffusionLoss's order."""
-        return (Tensor(batch.pixels), Tensor(batch.posterior_noise), Tensor(batch.token_ids), Tensor(batch.noise),
-                Tensor(batch.timesteps), Tensor(batch.sqrt_alpha.reshape(-1, 1, 1, 1)),
+        self.check_batch(batch)
+        text = batch.token_ids if self.trains_text_encoder else batch.context
+        return (Tensor(batch.latent_mean), Tensor(batch.latent_std), Tensor(batch.posterior_noise), Tensor(text),
+                Tensor(batch.noise), Tensor(batch.timesteps), Tensor(batch.sqrt_alpha.reshape(-1, 1, 1, 1)),
                 Tensor(batch.sqrt_one_minus_alpha.reshape(-1, 1, 1, 1)))
 
     def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
@@ -180,9 +175,13 @@ class MindSporeBackend(Backend):
             step.loss_scale.set_data(Tensor(state.loss_scale, ms.float32))
             step.good_steps.set_data(Tensor(state.scaler_growth_tracker, ms.int32))
 
+    def encode_moments(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = self._moments(Tensor(np.ascontiguousarray(pixels, np.float32)))
+        return mean.asnumpy().astype(np.float32), std.asnumpy().astype(np.float32)
+
     # --- sampling ----------------------------------------------------------------------------
     def encode_prompts(self, token_ids: np.ndarray) -> Tensor:
-        return self._text(Tensor(token_ids))
+        return self._text(Tensor(np.ascontiguousarray(token_ids, np.int64)))
 
     def denoise(self, latents: Tensor, t: float, contexts: list[Tensor]) -> list[Tensor]:
         n, k = latents.shape[0], len(contexts)
@@ -197,6 +196,9 @@ class MindSporeBackend(Backend):
 
     def tensor(self, array: np.ndarray) -> Tensor:
         return Tensor(np.ascontiguousarray(array))
+
+    def numpy(self, tensor: Tensor) -> np.ndarray:
+        return tensor.asnumpy().astype(np.float32)
 
     def save_native_lora(self, path: str, weights: LoraWeights, module_index: Any) -> str:
         """mindone's LoRA checkpoint (`ms.save_checkpoint`, `lora_rank` appended), written atomically."""

@@ -13,6 +13,7 @@ from mindspore import Tensor
 
 from msd_lora.backends.base import StepBatch
 from msd_lora.backends.mindspore.backend import MindSporeBackend
+from msd_lora.backends.probe import training_latents
 
 
 class MindSporeProbe:
@@ -34,8 +35,8 @@ class MindSporeProbe:
         _, grads = self._grad_fn(*self.backend.step_inputs(batch))
         return {k: g.asnumpy() for (k, _), g in zip(items, grads)}
 
-    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> Tensor:
-        return self.backend.encode_latents(Tensor(pixels), Tensor(posterior_noise))
+    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> np.ndarray:
+        return training_latents(self.backend, pixels, posterior_noise)
 
     def _step_gradients(self, batch: StepBatch) -> tuple[float, dict[str, np.ndarray]]:
         step = self.backend.step

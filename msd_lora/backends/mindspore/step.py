@@ -20,6 +20,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, amp, mint, nn, ops
 from msd_lora.backends.base import OptimizerSettings
 from msd_lora.backends.mindspore.optim import FlatAdamW
 from msd_lora.diffusion.schedule import add_noise, training_target
+from msd_lora.tokenizer import join_chunks
 
 
 @dataclass(frozen=True)
@@ -50,31 +51,47 @@ def flatten(tensors) -> Tensor:
     return ops.cat([t.astype(ms.float32).reshape(-1) for t in tensors])
 
 
-class EncodeLatents(nn.Cell):
-    """A sample of the VAE posterior with given noise, times the scaling factor: the UNet's training latents."""
+class EncodeMoments(nn.Cell):
+    """Pixels -> the VAE posterior's mean and standard deviation (log-variance clamped as diffusers does)."""
 
-    def __init__(self, vae: nn.Cell, scaling_factor: float):
+    def __init__(self, vae: nn.Cell):
         super().__init__(auto_prefix=False)
-        self.vae, self.scaling_factor = vae, scaling_factor
+        self.vae = vae
 
-    def construct(self, pixels, posterior_noise):
+    def construct(self, pixels):
         moments = self.vae.encode(pixels)[0]
         channels = moments.shape[1] // 2
         mean, logvar = moments[:, :channels], ops.clamp(moments[:, channels:], -30.0, 20.0)
-        return (mean + mint.exp(0.5 * logvar) * posterior_noise) * self.scaling_factor
+        return mean, mint.exp(0.5 * logvar)
+
+
+class TextStates(nn.Cell):
+    """Token ids (N, chunks * 77) -> the text encoder's states, long prompts' chunks joined (`join_chunks`)."""
+
+    def __init__(self, text_encoder: nn.Cell, chunk_length: int):
+        super().__init__(auto_prefix=False)
+        self.text_encoder, self.chunk_length = text_encoder, chunk_length
+
+    def construct(self, token_ids):
+        chunks = token_ids.shape[1] // self.chunk_length
+        states = self.text_encoder(token_ids.reshape(-1, self.chunk_length))[0]
+        return join_chunks(states, chunks, ops.cat)
 
 
 class DiffusionLoss(nn.Cell):
-    """MSE between the UNet's prediction and the eps / v target; VAE encoder and text encoder in the graph."""
+    """MSE between the UNet's prediction and the eps / v target. Latents are sampled from the VAE posterior given
+    as (mean, std); `text` is token ids run through the text encoder in the graph when it trains
+    (`text_states` given), else the frozen encoder's output."""
 
-    def __init__(self, unet: nn.Cell, text_encoder: nn.Cell, encode_latents: EncodeLatents, prediction_type: str):
+    def __init__(self, unet: nn.Cell, text_states: TextStates | None, scaling_factor: float, prediction_type: str):
         super().__init__(auto_prefix=False)
-        self.unet, self.text_encoder, self.prediction_type = unet, text_encoder, prediction_type
-        self.encode_latents = encode_latents
+        self.unet, self.text_states, self.prediction_type = unet, text_states, prediction_type
+        self.encode_text = text_states is not None
+        self.scaling_factor = scaling_factor
 
-    def construct(self, pixels, posterior_noise, token_ids, noise, timesteps, sqrt_alpha, sqrt_one_minus):
-        latents = ops.stop_gradient(self.encode_latents(pixels, posterior_noise))
-        context = self.text_encoder(token_ids)[0]
+    def construct(self, mean, std, posterior_noise, text, noise, timesteps, sqrt_alpha, sqrt_one_minus):
+        latents = (mean + std * posterior_noise) * self.scaling_factor
+        context = self.text_states(text) if self.encode_text else text
         noisy = add_noise(latents, noise, sqrt_alpha, sqrt_one_minus)
         pred = self.unet(noisy, timesteps, context)[0].astype(ms.float32)
         target = training_target(latents, noise, sqrt_alpha, sqrt_one_minus, self.prediction_type)

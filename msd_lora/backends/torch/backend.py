@@ -16,6 +16,7 @@ from msd_lora.diffusion.schedule import add_noise, training_target
 from msd_lora.lora.core import LoraWeights
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
+from msd_lora.tokenizer import join_chunks
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -108,23 +109,30 @@ class TorchBackend(Backend):
         self.ema = [p.detach().clone() for p in params] if settings.use_ema else None
 
     def tensor_batch(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        self.check_batch(batch)
         to = self.tensor
-        return {"pixels": to(batch.pixels), "ids": to(batch.token_ids), "posterior_noise": to(batch.posterior_noise),
-                "noise": to(batch.noise), "t": to(batch.timesteps),
+        text = batch.token_ids if self.trains_text_encoder else batch.context
+        return {"mean": to(batch.latent_mean), "std": to(batch.latent_std), "text": to(text),
+                "posterior_noise": to(batch.posterior_noise), "noise": to(batch.noise), "t": to(batch.timesteps),
                 "a": to(batch.sqrt_alpha).view(-1, 1, 1, 1), "s": to(batch.sqrt_one_minus_alpha).view(-1, 1, 1, 1)}
 
     @torch.no_grad()
-    def encode_latents(self, pixels: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
-        """A sample of the VAE posterior with given noise, times the scaling factor: the UNet's training latents."""
-        posterior = self.vae.encode(pixels).latent_dist
-        return (posterior.mean + posterior.std * posterior_noise) * self.info.scaling_factor
+    def encode_moments(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        posterior = self.vae.encode(self.tensor(pixels)).latent_dist
+        return self.numpy(posterior.mean), self.numpy(posterior.std)
+
+    def _text_states(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder's states, long prompts' chunks joined."""
+        chunk = self.text_encoder.config.max_position_embeddings
+        states = self.text_encoder(token_ids.reshape(-1, chunk))[0]
+        return join_chunks(states, token_ids.shape[1] // chunk, torch.cat)
 
     def loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a tensor batch (`tensor_batch`)."""
-        latents = self.encode_latents(b["pixels"], b["posterior_noise"])
+        latents = (b["mean"] + b["std"] * b["posterior_noise"]) * self.info.scaling_factor
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            context = self.text_encoder(b["ids"])[0]
+            context = self._text_states(b["text"]) if self.trains_text_encoder else b["text"]
             noisy = add_noise(latents, b["noise"], b["a"], b["s"])
             pred = self.unet(noisy, b["t"], context).sample
         target = training_target(latents, b["noise"], b["a"], b["s"], self.prediction_type)
@@ -194,7 +202,7 @@ class TorchBackend(Backend):
     # --- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, token_ids: np.ndarray) -> torch.Tensor:
-        return self.text_encoder(self.tensor(token_ids))[0]
+        return self._text_states(self.tensor(token_ids))
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, t: float, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -214,6 +222,9 @@ class TorchBackend(Backend):
         """`array` on this backend's device (on the CPU sharing its memory, unless it is read-only: then a copy)."""
         array = np.asarray(array)
         return torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable else array.copy()).to(self.device)
+
+    def numpy(self, tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().float().cpu().numpy()
 
 
 def make_scaler(settings: OptimizerSettings, device_type: str) -> torch.amp.GradScaler:

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from msd_lora.backends.base import StepBatch
+from msd_lora.backends.probe import training_latents
 from msd_lora.backends.torch.backend import TorchBackend
 
 
@@ -21,5 +22,5 @@ class TorchProbe:
         grads = torch.autograd.grad(self.backend.loss(self.backend.tensor_batch(batch)), params)
         return {k: g.float().cpu().numpy() for k, g in zip(self.backend.lora_params, grads)}
 
-    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> torch.Tensor:
-        return self.backend.encode_latents(self.backend.tensor(pixels), self.backend.tensor(posterior_noise))
+    def encode_images(self, pixels: np.ndarray, posterior_noise: np.ndarray) -> np.ndarray:
+        return training_latents(self.backend, pixels, posterior_noise)
