@@ -4,19 +4,20 @@
     python benchmarks/train_step.py --backend torch [--models tiny sd15] [--repeats 10]
     python benchmarks/train_step.py --backend mindspore      # MindSpore, and torch in the same run for the ratio
 
-The step timed is the one users run: the backend is built by `get_backend`, the model loaded by `load_model` from
-a diffusers folder, the LoRA chosen and initialised by `msd_lora.lora.spec` and injected by `Backend.add_lora`, the
-optimizer set by `configure_training`, and each step is `Backend.train_step` on a `StepBatch` (VAE encode, text
-encoder, UNet forward and backward, AdamW; on MindSpore the compiled TrainStep with loss scaling and the overflow
-check). Cases: the embedded tiny model at its 32-px images (16x16 latents), and an SD1.5-size model (randomly
-initialised, written once as a diffusers folder into a temporary folder) at 256 px (32x32 latents); batch 1.
+The step timed is the one users run: the backend is built by `get_backend`, the model loaded by `load_model` from a
+diffusers folder, the LoRA chosen and initialised by `msd_lora.lora.spec` and injected by `Backend.add_lora`, the
+optimizer set by `configure_training`, and each step is what an uncached run does: the VAE posterior and the text
+states encoded (`encode_moments`, `encode_text`), then `Backend.train_step` (UNet forward and backward, AdamW; on
+MindSpore the compiled TrainStep with loss scaling and the overflow check). `cached_train_step` is the step alone,
+what a run with cache_latents and cache_text_embeddings pays. Cases: the embedded tiny model at its 32-px images
+(16x16 latents), and an SD1.5-size model (randomly initialised, written once as a diffusers folder into a temporary
+folder) at 256 px (32x32 latents); batch 1.
 
 The floor beside it: `encode` (VAE posterior and text encoder, no gradient: every step pays it) and
 `frozen_forward_backward` (the UNet forward and backward with gradients to its input only: what any LoRA step pays
 on top); `forward` is the UNet forward alone (`Backend.denoise`, as sampling runs it). Each measurement runs in a
 fresh worker process (same inputs, one after the other), so memory peaks are comparable and no graph or allocator
-state carries over; the first call's time (on MindSpore: graph compilation) is reported apart.
-"""
+state carries over; the first call's time (on MindSpore: graph compilation) is reported apart."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ CASES = {  # name -> (model yaml, image side, batch)
     "tiny": ("configs/model/tiny.yaml", 32, 1),
     "sd15": ("configs/model/v1-inference.yaml", 256, 1),
 }
-MEASUREMENTS = ("forward", "encode", "frozen_forward_backward", "train_step")
+MEASUREMENTS = ("forward", "encode", "frozen_forward_backward", "train_step", "cached_train_step")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RANK = 4
 
@@ -82,9 +83,9 @@ def model_path(case: str, scratch: Path) -> Path:
 
 
 def setup(backend_name: str, case: str, path: Path):
-    """(backend with the LoRA injected and training configured, a StepBatch, UNet parameter count), the way the
-    Trainer builds them."""
-    from msd_lora.backends.base import BackendOptions, OptimizerSettings, StepBatch, get_backend
+    """(backend with the LoRA injected and training configured, the step's numpy inputs, UNet parameter count), the
+    way the Trainer builds them."""
+    from msd_lora.backends.base import BackendOptions, OptimizerSettings, get_backend
     from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
     from msd_lora.models.pretrained import load_model
     from msd_lora.tokenizer import PromptTokenizer
@@ -107,12 +108,22 @@ def setup(backend_name: str, case: str, path: Path):
     latent = info.latent_shape(batch, side)
     timesteps = np.full(batch, 500, np.int64)
     sqrt_alpha, sqrt_one_minus = cfg.noise_schedule().coefficients(timesteps)
-    data = StepBatch(pixels=np.tanh(rng.standard_normal((batch, 3, side, side))).astype(np.float32),
-                     token_ids=tokenizer(["a red circle on a blue background"] * batch),
-                     posterior_noise=rng.standard_normal(latent).astype(np.float32),
-                     noise=rng.standard_normal(latent).astype(np.float32), timesteps=timesteps,
-                     sqrt_alpha=sqrt_alpha, sqrt_one_minus_alpha=sqrt_one_minus)
+    data = {"pixels": np.tanh(rng.standard_normal((batch, 3, side, side))).astype(np.float32),
+            "token_ids": tokenizer(["a red circle on a blue background"] * batch),
+            "posterior_noise": rng.standard_normal(latent).astype(np.float32),
+            "noise": rng.standard_normal(latent).astype(np.float32), "timesteps": timesteps,
+            "sqrt_alpha": sqrt_alpha, "sqrt_one_minus_alpha": sqrt_one_minus}
     return backend, data, unet_params
+
+
+def step_batch(backend, data: dict, encoded=None):
+    """The StepBatch of `data`: the images and prompt encoded now, or `encoded` (mean, std, context) from a cache."""
+    from msd_lora.backends.base import StepBatch
+
+    mean, std = encoded[:2] if encoded else backend.encode_moments(data["pixels"])
+    context = encoded[2] if encoded else backend.encode_text(data["token_ids"])
+    rest = {k: data[k] for k in ("posterior_noise", "noise", "timesteps", "sqrt_alpha", "sqrt_one_minus_alpha")}
+    return StepBatch(latent_mean=mean, latent_std=std, context=context, **rest)
 
 
 def unet_forward_backward(backend, latents: np.ndarray, context):
@@ -143,19 +154,22 @@ def measurement(backend_name: str, case: str, name: str, path: Path):
 
     backend, data, unet_params = setup(backend_name, case, path)
     lora_params = int(sum(v.size for v in to_tensors(backend.lora_weights()).values()))
-    context = backend.encode_prompts(data.token_ids)
-    latents = data.noise
-    numpy = lambda tensor: tensor.asnumpy() if hasattr(tensor, "asnumpy") else tensor.detach().cpu().numpy()  # noqa
+    context = backend.encode_prompts(data["token_ids"])
+    latents = data["noise"]
     if name == "forward":
-        fn = lambda: numpy(backend.denoise(backend.tensor(latents), 500, [context])[0])  # noqa: E731
+        fn = lambda: backend.numpy(backend.denoise(backend.tensor(latents), 500, [context])[0])  # noqa: E731
     elif name == "encode":
         probe = probe_for(backend)
-        fn = lambda: (numpy(probe.encode_images(data.pixels, data.posterior_noise)),  # noqa: E731
-                      numpy(backend.encode_prompts(data.token_ids)))
+        fn = lambda: (probe.encode_images(data["pixels"], data["posterior_noise"]),  # noqa: E731
+                      backend.encode_text(data["token_ids"]))
     elif name == "frozen_forward_backward":
         fn = unet_forward_backward(backend, latents, context)
+    elif name == "cached_train_step":
+        encoded = (*backend.encode_moments(data["pixels"]), backend.encode_text(data["token_ids"]))
+        fn = lambda: backend.train_step(step_batch(backend, data, encoded), 1e-4, update=True,  # noqa: E731
+                                        accumulation=1)
     else:
-        fn = lambda: backend.train_step(data, 1e-4, update=True, accumulation=1)  # noqa: E731
+        fn = lambda: backend.train_step(step_batch(backend, data), 1e-4, update=True, accumulation=1)  # noqa: E731
     return fn, unet_params, lora_params
 
 

@@ -13,6 +13,7 @@ noise and a prompt's images don't depend on which other prompts are in the batch
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from msd_lora.lora.merge import base_name, check_fits, merged_weights
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.options import setting
 from msd_lora.output_folder import open_for_writing
-from msd_lora.tokenizer import PromptTokenizer
+from msd_lora.tokenizer import TOKEN_LENGTHS, PromptTokenizer
 
 SAMPLE_OUTPUTS = ("samples", "samples.jsonl", "grid-*.png")  # what write_samples puts in its folder
 NOISE_STREAM = 0x1A7E
@@ -50,6 +51,8 @@ class SamplingOptions:
     seed: int = setting(42, "seed of the initial noise", low=0)
     n_samples: int = setting(4, "images per batch", low=1, high=256)
     n_iter: int = setting(1, "batches per prompt", low=1)
+    max_token_length: int = setting(75, "prompt tokens encoded (75, 150 or 225: 75-token chunks, as in training); a "
+                                        "longer prompt is truncated with a warning", choices=TOKEN_LENGTHS)
 
 
 @dataclass
@@ -114,7 +117,11 @@ def guided(predictions: list[Any], scale: float) -> Any:
 def generate(pipeline: Pipeline, prompt: str, n: int, options: SamplingOptions, prompt_index: int = 0,
              iteration: int = 0, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """`n` images (N, H, W, 3) uint8 for one prompt."""
-    backend, tokenizer = pipeline.backend, pipeline.tokenizer
+    backend, tokenizer = pipeline.backend, pipeline.tokenizer.with_length(options.max_token_length)
+    for text, count in tokenizer.overlong([prompt, options.negative_prompt]):
+        warnings.warn(f"prompt of {count} tokens truncated to max_token_length {options.max_token_length}: "
+                      f"'{text[:60]}...'" + (" (--max_token_length 150 or 225 keeps more)"
+                                             if options.max_token_length < 225 else ""), UserWarning, stacklevel=2)
     cond = backend.encode_prompts(tokenizer([prompt] * n))
     guide = options.guidance_scale != 1.0
     contexts = [backend.encode_prompts(tokenizer([options.negative_prompt] * n)), cond] if guide else [cond]

@@ -9,6 +9,7 @@ SD1 pads with `<|endoftext|>`; SD2 (open_clip) pads with id 0, `!`.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import json
@@ -147,13 +148,26 @@ class PromptTokenizer:
     def __init__(self, tokenizer_dir: str | Path, max_token_length: int = 75):
         from transformers import CLIPTokenizer
 
+        self.tokenizer_dir = tokenizer_dir
+        self._tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self._set_length(max_token_length)
+
+    def _set_length(self, max_token_length: int) -> None:
         if max_token_length not in TOKEN_LENGTHS:
             raise ValueError(f"max_token_length must be one of {TOKEN_LENGTHS}, got {max_token_length}")
-        self._tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        self.max_token_length = max_token_length
         self.chunk_length = int(self._tok.model_max_length)  # 77: BOS + 75 + EOS
         self.chunks = max_token_length // 75
         self.max_tokens = self.chunks * (self.chunk_length - 2)
         self.max_length = self.chunks * self.chunk_length
+
+    def with_length(self, max_token_length: int) -> PromptTokenizer:
+        """This tokenizer encoding up to `max_token_length` tokens (itself when that is its length already)."""
+        if max_token_length == self.max_token_length:
+            return self
+        other = copy.copy(self)
+        other._set_length(max_token_length)
+        return other
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """How many tokens each prompt has, without BOS/EOS."""

@@ -337,7 +337,8 @@ class Trainer:
         cfg = self.cfg
         return SamplingOptions(sampler=cfg.validation_sampler, steps=cfg.validation_steps,
                                guidance_scale=cfg.validation_guidance_scale, height=cfg.image_size,
-                               width=cfg.image_size, seed=cfg.seed, n_samples=VALIDATION_IMAGES)
+                               width=cfg.image_size, seed=cfg.seed, n_samples=VALIDATION_IMAGES,
+                               max_token_length=cfg.max_token_length)
 
     def write_validation_samples(self) -> list[Path]:
         """A grid per validation prompt (default: the dataset's first two captions), with the trained LoRA."""
