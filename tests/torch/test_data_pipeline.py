@@ -170,3 +170,22 @@ def test_mindone_lora_configs_train_through_the_cli(tmp_path: Path, name, ours, 
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "o" / "lora.safetensors").is_file()
+
+
+def test_sampling_warns_on_truncation_and_takes_long_prompts() -> None:
+    import warnings
+
+    from msd_lora.backends.base import BackendOptions
+    from msd_lora.sample import SamplingOptions, generate, load_pipeline
+
+    pipeline, _ = load_pipeline(TINY_MODEL, None, "torch", BackendOptions(device="cpu"))
+    words = "a red circle on blue green square yellow".split()
+    prompt = " ".join(words[i % len(words)] for i in range(120))
+    options = SamplingOptions(steps=2, height=32, width=32, n_samples=1)
+    with pytest.warns(UserWarning, match=r"prompt of \d+ tokens truncated to max_token_length 75.*150 or 225"):
+        short = generate(pipeline, prompt, 1, options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = generate(pipeline, prompt, 1, SamplingOptions(steps=2, height=32, width=32, n_samples=1,
+                                                             max_token_length=225))
+    assert short.shape == full.shape == (1, 32, 32, 3) and not np.array_equal(short, full)
