@@ -8,9 +8,10 @@
 tiny model (its 20 images at 32 px, batch 4) and on an SD1.5-size model (random weights, 8 images at 256 px,
 batch 1). The second epoch is timed (the first holds MindSpore's compiles); the time to fill the caches is
 reported apart, as it is paid once (and not at all when a disk cache is reused).
-`buckets`: MindSpore graph-mode compile cost on the tiny model for 1 shape (no buckets) and for 5 bucket shapes:
-for each bucket, its first step minus the steady step time, split into the data side (the VAE-encoder graph of
-that shape) and the train step (the UNet step graph of that shape).
+`buckets`: MindSpore graph-mode compile cost on the tiny model for 1 shape (no buckets) and for 5 bucket shapes, with
+one static graph per shape (`bucket_graphs: per_shape`) and with one dynamic-shape graph (`dynamic`): for each
+bucket, its first step minus its steady step time, split into the data side (the VAE-encoder graph) and the train
+step, and the steady step time; the two 5-shape runs' losses are compared step by step.
 Each run is a fresh worker process.
 """
 from __future__ import annotations
@@ -76,9 +77,9 @@ def timed_steps(trainer, steps: int) -> list[dict]:
         start = time.perf_counter()
         batch = trainer.micro_batch(step)
         middle = time.perf_counter()
-        trainer.backend.train_step(batch, 1e-4, update=True, accumulation=1)
+        result = trainer.backend.train_step(batch, 1e-4, update=True, accumulation=1)
         rows.append({"bucket": list(trainer.dataset.buckets[group]), "data_s": middle - start,
-                     "step_s": time.perf_counter() - middle})
+                     "step_s": time.perf_counter() - middle, "loss": result.loss})
     return rows
 
 
@@ -100,10 +101,10 @@ def epoch_worker(backend: str, case: str, model: Path, scratch: Path, cached: bo
             "data_s_per_epoch": round(sum(r["data_s"] for r in second), 3)}
 
 
-def bucket_worker(scratch: Path, buckets: bool) -> dict:
+def bucket_worker(scratch: Path, buckets: bool, graphs: str) -> dict:
     data = write_dataset(scratch / "data_buckets", BUCKET_SIZES if buckets else [(32, 32)] * len(BUCKET_SIZES))
     extra = ["--enable_bucket", "True", "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps",
-             "8"] if buckets else []
+             "8", "--bucket_graphs", graphs] if buckets else []
     trainer = trainer_for("mindspore", REPO / "msd_lora/assets/tiny_sd", "configs/model/tiny.yaml", data, 32, 2,
                           extra)
     rows = timed_steps(trainer, 3 * trainer.order.steps_per_epoch)
@@ -123,8 +124,10 @@ def bucket_worker(scratch: Path, buckets: bool) -> dict:
         result[key] = {"encoder_compile_s": round(row["data_s"] - steady_data, 2),
                        "step_compile_s": round(row["step_s"] - steady_step, 2),
                        "steady_step_s": round(steady_step, 3)}
-    return {"shapes": len(result), "per_shape": result,
-            "total_compile_s": round(sum(v["encoder_compile_s"] + v["step_compile_s"] for v in result.values()), 1)}
+    steady = [r["step_s"] for rows_of in later.values() for r in rows_of]
+    return {"shapes": len(result), "per_shape": result, "median_steady_step_s": round(statistics.median(steady), 3),
+            "total_compile_s": round(sum(v["encoder_compile_s"] + v["step_compile_s"] for v in result.values()), 1),
+            "losses": [r["loss"] for r in rows]}
 
 
 def run_worker(*args: str) -> dict:
@@ -148,7 +151,7 @@ def main() -> None:
             backend, case, model, scratch, cached = rest
             print(json.dumps(epoch_worker(backend, case, Path(model), Path(scratch), cached == "1")))
         else:
-            print(json.dumps(bucket_worker(Path(rest[0]), rest[1] == "1")))
+            print(json.dumps(bucket_worker(Path(rest[0]), rest[1] == "1", rest[2])))
         return
     import mindspore
     import torch
@@ -171,9 +174,16 @@ def main() -> None:
                     print(json.dumps(epochs[-1]), flush=True)
             report["seconds_per_epoch"] = epochs
         if "buckets" in args.parts:
-            report["mindspore_compile"] = {"one_shape": run_worker("buckets", str(scratch), "0"),
-                                           "five_bucket_shapes": run_worker("buckets", str(scratch), "1")}
-            print(json.dumps(report["mindspore_compile"]), flush=True)
+            runs = {"one_shape": run_worker("buckets", str(scratch), "0", "per_shape"),
+                    "five_shapes_per_shape_graphs": run_worker("buckets", str(scratch), "1", "per_shape"),
+                    "five_shapes_dynamic_graph": run_worker("buckets", str(scratch), "1", "dynamic")}
+            static, dynamic = (runs[k].pop("losses") for k in ("five_shapes_per_shape_graphs",
+                                                                "five_shapes_dynamic_graph"))
+            runs["one_shape"].pop("losses")
+            runs["dynamic_vs_per_shape_max_loss_difference"] = float(max(abs(a - b) / abs(a)
+                                                                         for a, b in zip(static, dynamic)))
+            report["mindspore_compile"] = runs
+            print(json.dumps(runs), flush=True)
     out = Path(args.out) / "data_pipeline.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -84,6 +84,9 @@ class TrainConfig:
     max_bucket_reso: int = setting(1024, "largest bucket side", low=8)
     bucket_reso_steps: int = setting(64, "bucket sides are multiples of this", low=8)
     bucket_no_upscale: bool = setting(False, "images smaller than image_size² keep their size (bucket rounded down)")
+    bucket_graphs: str = setting("auto", "MindSpore graph mode: one dynamic-shape train graph for every bucket, one "
+                                         "static graph per bucket shape, or auto (dynamic with 2+ buckets)",
+                                 choices=("auto", "dynamic", "per_shape"))
     # caches
     cache_latents: bool = setting(False, "encode each image with the VAE once (centre crop; flips cached both ways)")
     cache_text_embeddings: bool = setting(False, "encode each caption once (text encoder frozen, no shuffle_caption)")

@@ -10,7 +10,6 @@ checkpoint and says how to resume (a second Ctrl-C stops at once).
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -26,11 +25,6 @@ import numpy as np
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, get_backend
 from msd_lora.checkpoint import RESUME_NAME, ResumeState, load_resume, save_resume
 from msd_lora.config import TrainConfig, write_config
-from msd_lora.data.batching import BatchOrder
-from msd_lora.data.buckets import BucketSettings
-from msd_lora.data.cache import weights_identity
-from msd_lora.data.captions import CaptionOptions
-from msd_lora.data.dataset import CaptionedImageDataset
 from msd_lora.errors import ConfigError, LoraMismatchError, ResumeError
 from msd_lora.files.atomic import atomic_write_text
 from msd_lora.lora.formats import lora_file_path, write_lora
@@ -41,8 +35,7 @@ from msd_lora.lr_schedule import learning_rate
 from msd_lora.models.pretrained import load_model
 from msd_lora.output_folder import OutputFolder
 from msd_lora.sample import Pipeline, SamplingOptions, generate, image_grid, save_png
-from msd_lora.tokenizer import PromptTokenizer, cache_root
-from msd_lora.train_inputs import CacheSettings, TrainingInputs
+from msd_lora.train_inputs import RunData
 from msd_lora.train_log import TrainLog
 
 RUN_OUTPUTS = ("lora.safetensors", "lora_mindone.ckpt", "train_config.yaml", "train_log.csv", "ckpt", "validation",
@@ -93,25 +86,12 @@ class Trainer:
         self.schedule = self.model_config.noise_schedule()
         self.notes = [n for n in (self.model_config.note, pretrained.metadata.get("note")) if n]
         self.module_index = ModuleIndex.for_model(pretrained.configs)
-        self.buckets = self._bucket_settings(pretrained.configs)
-        self.dataset = CaptionedImageDataset(
-            cfg.data_path, cfg.image_size, random_crop=cfg.random_crop, flip=cfg.flip, caption_column=cfg.caption_column,
-            dataset_type=cfg.dataset_type, caption_extension=cfg.caption_extension, instance_prompt=cfg.instance_prompt,
-            buckets=self.buckets, min_image_size=cfg.min_image_size)
-        self.order = BatchOrder(self.dataset.groups(), cfg.train_batch_size, cfg.seed)
-        self.captions = CaptionOptions(dropout_rate=cfg.caption_dropout_rate, shuffle=cfg.shuffle_caption,
-                                       keep_tokens=cfg.keep_tokens, separator=cfg.caption_separator,
-                                       prefix=cfg.caption_prefix, suffix=cfg.caption_suffix)
-        self.tokenizer = PromptTokenizer(pretrained.tokenizer_dir, cfg.max_token_length)
-        self.notes += self._truncation_notes()
-        caches = CacheSettings(
-            latents=cfg.cache_latents, text=cfg.cache_text_embeddings,
-            folder=str(Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features") if cfg.cache_to_disk
-            else None,
-            vae_identity=weights_identity(pretrained.state["vae"]) if cfg.cache_latents else "",
-            text_encoder_identity=weights_identity(pretrained.state["text_encoder"]) if cfg.cache_text_embeddings
-            else "")
-        self.backend = backend or get_backend(cfg.backend, BackendOptions.from_config(cfg))
+        self.data = RunData.from_config(cfg, pretrained)
+        self.dataset, self.order, self.captions = self.data.dataset, self.data.order, self.data.captions
+        self.tokenizer = self.data.tokenizer
+        self.notes += self.data.truncation_notes()
+        dynamic = cfg.bucket_graphs == "dynamic" or (cfg.bucket_graphs == "auto" and len(self.dataset.buckets) > 1)
+        self.backend = backend or get_backend(cfg.backend, BackendOptions.from_config(cfg, dynamic_shapes=dynamic))
         self.info = self.backend.load_model(pretrained, self.model_config.prediction_type)
         if cfg.image_size % self.info.vae_scale_factor:
             raise ConfigError(f"image_size {cfg.image_size} is not a multiple of the VAE's downscale factor "
@@ -128,52 +108,9 @@ class Trainer:
             self.notes.append(message)
         self.backend.add_lora(self.spec, targets, initial)
         self.backend.configure_training(OptimizerSettings.from_config(cfg))
-        self.inputs = TrainingInputs(self.dataset, self.order, self.captions, self.tokenizer, self.backend, self.info,
-                                     self.schedule, cfg.seed, cfg.dataloader_num_workers, caches)
+        self.inputs = self.data.inputs(self.backend, self.info, self.schedule)
         self.plan = self._plan()
         self._stop_requested = False
-
-    def _bucket_settings(self, configs: dict[str, dict]) -> BucketSettings | None:
-        cfg = self.cfg
-        if not cfg.enable_bucket:
-            return None
-        settings = BucketSettings(cfg.image_size, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps,
-                                  cfg.bucket_no_upscale)
-        vae_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-        settings.check(vae_factor * 2 ** (len(configs["unet"]["block_out_channels"]) - 1))
-        return settings
-
-    def _truncation_notes(self) -> list[str]:
-        """A note when captions are longer than max_token_length (they are truncated)."""
-        fixed = sorted({self.captions.fixed(c) for c in self.dataset.captions})
-        overlong = self.tokenizer.overlong(fixed)
-        if not overlong:
-            return []
-        longest = max(n for _, n in overlong)
-        wider = [n for n in (150, 225) if n > self.cfg.max_token_length]
-        hint = f"; max_token_length {wider[-1]} would keep up to {wider[-1]} tokens" if wider else ""
-        return [f"warning: {len(overlong)} of {len(fixed)} captions are longer than max_token_length "
-                f"{self.cfg.max_token_length} tokens (the longest has {longest}) and are truncated, e.g. "
-                f"'{overlong[0][0][:60]}...'{hint}"]
-
-    def data_summary(self) -> str:
-        """The dataset, its epoch and its buckets, as printed at the start of a run."""
-        listing, counts = self.dataset.listing, self.dataset.bucket_counts()
-        lines = [f"dataset: {listing.kind} ({listing.listed_in}), {len(self.dataset)} images, "
-                 f"{self.order.num_items} per epoch with repeats, {self.order.steps_per_epoch} batches of "
-                 f"{self.cfg.train_batch_size} per epoch"]
-        if len(counts) > 1 or self.buckets is not None:
-            lines.append("buckets (width x height: images, with repeats): " + ", ".join(
-                f"{w}x{h}: {n} ({r})" for (w, h), (n, r) in counts.items()))
-        return "\n".join(lines)
-
-    def write_bucket_table(self) -> Path:
-        table = {"enable_bucket": self.buckets is not None, "steps_per_epoch": self.order.steps_per_epoch,
-                 "buckets": [{"width": w, "height": h, "images": n, "with_repeats": r}
-                             for (w, h), (n, r) in self.dataset.bucket_counts().items()]}
-        path = self.output / "buckets.json"
-        atomic_write_text(path, json.dumps(table, indent=2) + "\n")
-        return path
 
     def _plan(self) -> RunPlan:
         cfg, micro = self.cfg, self.order.steps_per_epoch
@@ -247,8 +184,8 @@ class Trainer:
             messages = [f"replacing the previous run in {self.output} ({', '.join(self.folder.replaced)})"] \
                 if self.folder.replaced else []
             write_config(self.cfg, self.output / "train_config.yaml")
-            self.write_bucket_table()
-            messages += self.notes + [self.data_summary()]
+            self.data.write_bucket_table(self.output / "buckets.json")
+            messages += self.notes + [self.data.summary()]
             start, skipped = self._restore(messages.append)
             log = TrainLog(self.output, self.plan.total_steps, start, show_progress=self.show_progress)
             try:
@@ -277,8 +214,12 @@ class Trainer:
         loss, accumulation, done = float("nan"), self.plan.accumulation, start
         compiling = self.backend.compiles_graphs and start < self.plan.total_steps
         if compiling:
+            shapes = len(self.dataset.buckets)
+            once = "once per run" if shapes == 1 or getattr(self.backend, "dynamic_shapes", False) else \
+                f"once per bucket shape: {shapes} shapes, each compiled when first used (bucket_graphs: dynamic " \
+                f"compiles one graph for all)"
             log.message(f"{self.backend.name}: compiling the training graph on the first step (about 30 s for the "
-                        f"tiny model, minutes for SD-size models; once per run)")
+                        f"tiny model, minutes for SD-size models; {once})")
             log.bar.set_description("train (compiling)")
             began = time.time()
         for step in range(start, self.plan.total_steps):

@@ -1,5 +1,6 @@
 """What each micro-step trains on: the data's batch, its latents and text states (from the caches or the frozen
-networks) and the step's noise, assembled into a `StepBatch`.
+networks) and the step's noise, assembled into a `StepBatch`. `RunData` is a run's dataset side, built from the
+config; `TrainingInputs` turns it into step batches once the backend holds the networks.
 
 The image and caption side (`data.loader`) is prepared ahead on worker threads; the networks run here, on the
 caller's thread. Cached and uncached runs compute the same numbers: a cache stores the VAE posterior's mean and
@@ -8,20 +9,26 @@ exactly as without a cache.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from msd_lora.backends.base import Backend, ModelInfo, StepBatch
 from msd_lora.data.batching import BatchOrder
-from msd_lora.data.cache import FeatureCache, file_digest
+from msd_lora.data.buckets import BucketSettings
+from msd_lora.data.cache import FeatureCache, weights_identity
 from msd_lora.data.captions import CaptionOptions
 from msd_lora.data.dataset import CaptionedImageDataset
 from msd_lora.data.loader import BatchMaker, HostBatch, Prefetcher
 from msd_lora.data.transforms import crop_box
 from msd_lora.diffusion.schedule import NoiseSchedule
-from msd_lora.tokenizer import PromptTokenizer
+from msd_lora.files.atomic import atomic_write_text
+from msd_lora.files.plain import sha256_of
+from msd_lora.models.pretrained import PretrainedModel
+from msd_lora.tokenizer import TOKEN_LENGTHS, PromptTokenizer, cache_root
 
 NOISE_STREAM = 0x5EED  # keeps the noise stream apart from the data-order stream [seed, epoch]
 
@@ -33,6 +40,89 @@ class CacheSettings:
     folder: str | None = None  # None: in memory
     vae_identity: str = ""
     text_encoder_identity: str = ""
+
+
+@dataclass
+class RunData:
+    """A run's dataset, batch order, caption options, tokenizer and cache settings, from its config."""
+
+    dataset: CaptionedImageDataset
+    order: BatchOrder
+    captions: CaptionOptions
+    tokenizer: PromptTokenizer
+    caches: CacheSettings
+    buckets: BucketSettings | None
+    seed: int
+    workers: int
+
+    @classmethod
+    def from_config(cls, cfg, pretrained: PretrainedModel) -> RunData:
+        """Reads the dataset (checked, bucketed) and, for the caches, the identities of the frozen networks' weights
+        (before a backend takes them)."""
+        buckets = bucket_settings(cfg, pretrained.configs)
+        dataset = CaptionedImageDataset(
+            cfg.data_path, cfg.image_size, random_crop=cfg.random_crop, flip=cfg.flip, caption_column=cfg.caption_column,
+            dataset_type=cfg.dataset_type, caption_extension=cfg.caption_extension, instance_prompt=cfg.instance_prompt,
+            buckets=buckets, min_image_size=cfg.min_image_size)
+        captions = CaptionOptions(dropout_rate=cfg.caption_dropout_rate, shuffle=cfg.shuffle_caption,
+                                  keep_tokens=cfg.keep_tokens, separator=cfg.caption_separator,
+                                  prefix=cfg.caption_prefix, suffix=cfg.caption_suffix)
+        folder = (cfg.cache_dir or str(cache_root() / "features")) if cfg.cache_to_disk else None
+        caches = CacheSettings(
+            latents=cfg.cache_latents, text=cfg.cache_text_embeddings, folder=folder,
+            vae_identity=weights_identity(pretrained.state["vae"]) if cfg.cache_latents else "",
+            text_encoder_identity=weights_identity(pretrained.state["text_encoder"]) if cfg.cache_text_embeddings
+            else "")
+        return cls(dataset, BatchOrder(dataset.groups(), cfg.train_batch_size, cfg.seed), captions,
+                   PromptTokenizer(pretrained.tokenizer_dir, cfg.max_token_length), caches, buckets, cfg.seed,
+                   cfg.dataloader_num_workers)
+
+    def inputs(self, backend: Backend, info: ModelInfo, schedule: NoiseSchedule) -> TrainingInputs:
+        return TrainingInputs(self.dataset, self.order, self.captions, self.tokenizer, backend, info, schedule,
+                              self.seed, self.workers, self.caches)
+
+    def truncation_notes(self) -> list[str]:
+        """A warning when captions are longer than max_token_length (they are truncated)."""
+        fixed = sorted({self.captions.fixed(c) for c in self.dataset.captions})
+        overlong = self.tokenizer.overlong(fixed)
+        if not overlong:
+            return []
+        limit = self.tokenizer.max_token_length
+        longest = max(n for _, n in overlong)
+        hint = f"; max_token_length {TOKEN_LENGTHS[-1]} keeps up to {TOKEN_LENGTHS[-1]}" if limit < TOKEN_LENGTHS[-1] \
+            else ""
+        return [f"warning: {len(overlong)} of {len(fixed)} captions are longer than max_token_length {limit} tokens "
+                f"(the longest has {longest}) and are truncated, e.g. '{overlong[0][0][:60]}...'{hint}"]
+
+    def summary(self) -> str:
+        """The dataset, its epoch and its buckets, as printed at the start of a run."""
+        listing, counts = self.dataset.listing, self.dataset.bucket_counts()
+        lines = [f"dataset: {listing.kind} ({listing.listed_in}), {len(self.dataset)} images, "
+                 f"{self.order.num_items} per epoch with repeats, {self.order.steps_per_epoch} batches of "
+                 f"{self.order.batch_size} per epoch"]
+        if self.buckets is not None or len(counts) > 1:
+            lines.append("buckets (width x height: images, with repeats): " + ", ".join(
+                f"{w}x{h}: {n} ({r})" for (w, h), (n, r) in counts.items()))
+        return "\n".join(lines)
+
+    def write_bucket_table(self, path: Path) -> Path:
+        """The buckets with their image counts, as JSON."""
+        table = {"enable_bucket": self.buckets is not None, "steps_per_epoch": self.order.steps_per_epoch,
+                 "buckets": [{"width": w, "height": h, "images": n, "with_repeats": r}
+                             for (w, h), (n, r) in self.dataset.bucket_counts().items()]}
+        atomic_write_text(path, json.dumps(table, indent=2) + "\n")
+        return path
+
+
+def bucket_settings(cfg, configs: dict[str, dict]) -> BucketSettings | None:
+    """The config's bucket settings, checked against what the model divides a side by; None without buckets."""
+    if not cfg.enable_bucket:
+        return None
+    settings = BucketSettings(cfg.image_size, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps,
+                              cfg.bucket_no_upscale)
+    vae_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    settings.check(vae_factor * 2 ** (len(configs["unet"]["block_out_channels"]) - 1))
+    return settings
 
 
 class TrainingInputs:
@@ -112,7 +202,7 @@ class TrainingInputs:
         return report
 
     def _fill_latents(self, progress) -> tuple[int, int]:
-        self._image_hashes = [file_digest(record.path) for record in self.dataset.records]
+        self._image_hashes = [sha256_of(record.path) for record in self.dataset.records]
         mirrors = (False, True) if self.dataset.flip else (False,)
         missing: dict[tuple[int, int], list[tuple[int, tuple, bool]]] = {}
         total = 0

@@ -51,11 +51,12 @@ class BackendOptions:
     mode: int = 0  # MindSpore: 0 graph, 1 pynative
     mixed_precision: str = "no"  # torch autocast on CUDA: no | fp16 | bf16
     enable_flash_attention: bool = False  # MindSpore on Ascend
+    dynamic_shapes: bool = False  # MindSpore graph mode: one train-step graph for every image height and width
 
     @classmethod
-    def from_config(cls, cfg) -> BackendOptions:
+    def from_config(cls, cfg, dynamic_shapes: bool = False) -> BackendOptions:
         return cls(device=cfg.device, mode=cfg.mode, mixed_precision=cfg.mixed_precision,
-                   enable_flash_attention=cfg.enable_flash_attention)
+                   enable_flash_attention=cfg.enable_flash_attention, dynamic_shapes=dynamic_shapes)
 
 
 @dataclass(frozen=True)

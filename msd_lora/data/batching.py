@@ -93,14 +93,3 @@ def augmentation_rng(seed: int, epoch: int, index: int, slot: int | None = None)
     if min(key) < 0:
         raise ValueError(f"seed, epoch, index and slot must be non-negative, got {key}")
     return np.random.default_rng([*key, _AUGMENTATION_TAG])
-
-
-def collate(items: list[tuple[np.ndarray, str]]) -> tuple[np.ndarray, list[str]]:
-    """Stack (CHW image, caption) pairs into an NCHW float32 batch and a caption list."""
-    if not items:
-        raise ValueError("cannot collate an empty batch")
-    shapes = {image.shape for image, _ in items}
-    if len(shapes) != 1:
-        raise ValueError(f"images in a batch must share one shape, got {sorted(shapes)}")
-    images = np.stack([np.asarray(image, dtype=np.float32) for image, _ in items])
-    return images, [caption for _, caption in items]

@@ -33,15 +33,6 @@ def weights_identity(state: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class FeatureCache:
     """Arrays by key: a dict in memory, or one safetensors file per entry under `folder/kind/`."""
 

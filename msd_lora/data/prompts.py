@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from msd_lora.errors import ConfigError, MissingPathError, MsdLoraError
+from msd_lora.files.plain import read_utf8
 
 
 def read_prompts_file(path: str | Path, what: str = "prompts file",
@@ -13,12 +14,7 @@ def read_prompts_file(path: str | Path, what: str = "prompts file",
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"{what} {path} not found (a .txt file, one prompt per line)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise error(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 "
-                    f"(e.g. iconv -f latin1 -t utf-8)") from err
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_utf8(path, what, error).splitlines() if line.strip()]
     if not prompts:
         raise error(f"{what} {path} holds no prompts")
     return prompts

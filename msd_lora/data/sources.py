@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from msd_lora.errors import DatasetError
+from msd_lora.files.plain import read_utf8
 
 CSV_NAME = "img_txt.csv"
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -156,10 +157,7 @@ def read_imagefolder(root: Path, caption_column: str) -> SourceListing:
         csv_path = root / "metadata.csv"
         return SourceListing("imagefolder", read_csv_listing(root, csv_path, "file_name", caption_column), csv_path)
     records = []
-    try:
-        lines = jsonl.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{jsonl} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    lines = read_utf8(jsonl, "metadata file", DatasetError).splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -235,12 +233,8 @@ def read_caption(image: Path, caption_extension: str = "") -> str | None:
     for extension in extensions:
         sidecar = image.with_suffix(extension)
         if sidecar.is_file():
-            try:
-                text = sidecar.read_text(encoding="utf-8-sig")
-            except UnicodeDecodeError as err:
-                raise DatasetError(f"caption file {sidecar} is not UTF-8 text ({err.reason} at byte "
-                                   f"{err.start})") from err
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            lines = [line.strip() for line in read_utf8(sidecar, "caption file", DatasetError).splitlines()
+                     if line.strip()]
             return lines[0] if lines else ""
     return None
 

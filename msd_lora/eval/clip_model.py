@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.errors import WeightsError
-from msd_lora.eval.weights import RANDOM_INIT_KEY, downloads_allowed, sha256_of
+from msd_lora.eval.weights import RANDOM_INIT_KEY, downloads_allowed
+from msd_lora.files.plain import sha256_of
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 REQUIRED_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json", "vocab.json", "merges.txt")

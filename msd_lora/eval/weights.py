@@ -16,7 +16,6 @@ MindSpore-only machine uses a safetensors copy (tools/eval/convert_inception_wei
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -27,6 +26,7 @@ import numpy as np
 
 from msd_lora.errors import WeightsError
 from msd_lora.eval import inception_arch as arch
+from msd_lora.files.plain import sha256_of
 from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -48,14 +48,6 @@ def cache_dir() -> Path:
 def candidate_paths() -> list[Path]:
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
     return [cache_dir() / FID_WEIGHTS_NAME, torch_home / "hub" / "checkpoints" / FID_WEIGHTS_NAME]
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_fid_weights(target: Path) -> Path:

@@ -1,8 +1,8 @@
 """The data pipeline on both backends: aspect-ratio buckets, caption dropout, flips, long captions (225 tokens in
 75-token chunks) and the latent and text caches give the same inputs and the same LoRA on torch and MindSpore.
 
-One trainer per backend serves the module. The dataset has two bucket shapes, so MindSpore compiles two train
-steps and two VAE-encoder graphs (docs/data.md explains the per-shape compile).
+One trainer per backend serves the module. The dataset has two bucket shapes, which MindSpore trains with one
+dynamic-shape train graph (`bucket_graphs: auto`; docs/data.md).
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def pair(tmp_path_factory):
 def test_two_buckets_and_the_same_order(pair):
     torch_t, ms_t = pair
     assert torch_t.dataset.buckets == [(32, 32), (40, 24)]  # 48x24 (2:1) is nearest 40x24 in the 32² table
+    assert ms_t.backend.dynamic_shapes  # bucket_graphs auto: one dynamic-shape train graph for both buckets
     for step in range(STEPS):
         a, b = (t.inputs.batches.get(step) for t in pair)
         assert a.bucket == b.bucket and np.array_equal(a.items, b.items) and a.captions == b.captions

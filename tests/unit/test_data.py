@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from msd_lora.data import transforms
-from msd_lora.data.batching import BatchOrder, augmentation_rng, collate
+from msd_lora.data.batching import BatchOrder, augmentation_rng
 from msd_lora.data.dataset import CaptionedImageDataset, SkippedImagesWarning
 from msd_lora.errors import DatasetError
 
@@ -290,19 +290,10 @@ def test_resumed_pipeline_reproduces_the_batch(folder: Path) -> None:
 
     def batch(epoch: int, index: int):
         rng = augmentation_rng(9, epoch, index)
-        return collate([ds.load(int(i), rng) for i in order.batch(epoch, index)])
+        items = [ds.load(int(i), rng) for i in order.batch(epoch, index)]
+        return np.stack([image for image, _ in items]), [caption for _, caption in items]
 
     first = [batch(e, 0) for e in range(3)]
     images, captions = batch(2, 0)
     assert images.shape == (2, 3, 6, 6) and images.dtype == np.float32 and len(captions) == 2
     assert np.array_equal(images, first[2][0]) and captions == first[2][1]
-
-
-def test_collate_checks_shapes() -> None:
-    a, b = np.zeros((3, 4, 4), np.float32), np.ones((3, 4, 4), np.float32)
-    images, captions = collate([(a, "a"), (b, "b")])
-    assert images.shape == (2, 3, 4, 4) and captions == ["a", "b"]
-    with pytest.raises(ValueError, match="one shape"):
-        collate([(a, "a"), (np.zeros((3, 5, 5), np.float32), "c")])
-    with pytest.raises(ValueError, match="empty"):
-        collate([])

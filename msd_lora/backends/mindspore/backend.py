@@ -13,6 +13,7 @@ from mindspore import Tensor, mint, nn, ops
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, StepResult
 from msd_lora.backends.mindspore import lora as ms_lora
 from msd_lora.backends.mindspore.context import configure_context, import_mindone_quietly
+from msd_lora.backends.mindspore.kernels import apply_dynamic_shape_substitutes
 from msd_lora.backends.mindspore.models import build_networks, load_state, named_parameters
 from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeMoments, FlatLayout, TextStates, TrainStep
 from msd_lora.checkpoint import TrainingState
@@ -60,6 +61,9 @@ class MindSporeBackend(Backend):
         self.components: dict[str, nn.Cell] = {}
         self.lora_cells: dict[str, ms_lora.LoraLinear] = {}
         self.step: TrainStep | None = None
+        self.dynamic_shapes = options.dynamic_shapes and self.compiles_graphs
+        if self.dynamic_shapes:  # before any graph is compiled: compiled graphs keep the ops they were built with
+            apply_dynamic_shape_substitutes()
 
     # --- model -------------------------------------------------------------------------------
     def _build_networks(self, model: PretrainedModel) -> None:
@@ -143,8 +147,10 @@ class MindSporeBackend(Backend):
                 Tensor(batch.sqrt_one_minus_alpha.reshape(-1, 1, 1, 1)))
 
     def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
-        loss, finite, norm, scale = self.step(Tensor(1.0 / accumulation, ms.float32), Tensor(lr, ms.float32),
-                                              Tensor(update, ms.bool_), *self.step_inputs(batch))
+        args = (Tensor(1.0 / accumulation, ms.float32), Tensor(lr, ms.float32), Tensor(update, ms.bool_),
+                *self.step_inputs(batch))
+        self._declare_dynamic(self.step, args, spatial=(3, 4, 5, 7))  # mean, std, posterior noise, noise
+        loss, finite, norm, scale = self.step(*args)
         finite = bool(finite.asnumpy())
         return StepResult(loss=float(loss.asnumpy()), updated=update and finite, overflow=update and not finite,
                           grad_norm=float(norm.asnumpy()) if update else None, loss_scale=float(scale.asnumpy()))
@@ -175,8 +181,19 @@ class MindSporeBackend(Backend):
             step.loss_scale.set_data(Tensor(state.loss_scale, ms.float32))
             step.good_steps.set_data(Tensor(state.scaler_growth_tracker, ms.int32))
 
+    def _declare_dynamic(self, cell: nn.Cell, args: tuple[Tensor, ...], spatial: tuple[int, ...]) -> None:
+        """With dynamic shapes, before a graph's first call: its inputs at `spatial` positions get dynamic height and
+        width (one compiled graph serves every bucket); the others keep the shapes of `args`."""
+        if not self.dynamic_shapes or getattr(cell, "msd_lora_dynamic_inputs", False):
+            return
+        cell.set_inputs(*[Tensor(shape=[*a.shape[:-2], None, None] if i in spatial else list(a.shape), dtype=a.dtype)
+                          for i, a in enumerate(args)])
+        cell.msd_lora_dynamic_inputs = True
+
     def encode_moments(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mean, std = self._moments(Tensor(np.ascontiguousarray(pixels, np.float32)))
+        pixels = Tensor(np.ascontiguousarray(pixels, np.float32))
+        self._declare_dynamic(self._moments, (pixels,), spatial=(0,))
+        mean, std = self._moments(pixels)
         return mean.asnumpy().astype(np.float32), std.asnumpy().astype(np.float32)
 
     # --- sampling ----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from mindspore import mint, ops
 VERIFIED_VERSIONS = {"mindspore": "2.10.0", "mindone": "0.5.0"}
 _applied: list[str] = []
 _originals: dict[str, Callable] = {}
+_dynamic_shapes = False  # set by apply_dynamic_shape_substitutes
 
 
 # --- the substitutes, each written from the op's definition ------------------------------------------------------
@@ -78,7 +79,7 @@ def conv2d_by_gather(x: ms.Tensor, weight: ms.Tensor, bias: ms.Tensor | None, st
         flat = mint.cat([x.reshape(n, c, h * w), ops.zeros((n, c, 1), x.dtype)], dim=2)
         patches = ops.gather(flat, index, 2).reshape(n, c * kh * kw, ho * wo)
     weight_matrix = weight.reshape(out_channels, c * kh * kw)
-    if n * ho * wo <= out_channels:
+    if not _dynamic_shapes and n * ho * wo <= out_channels:  # a shape-dependent branch only where shapes are static
         rows = patches.transpose(0, 2, 1).reshape(n * ho * wo, c * kh * kw)
         y = ops.dense(rows, weight_matrix).reshape(n, ho * wo, out_channels).transpose(0, 2, 1)
     else:
@@ -166,6 +167,37 @@ def geglu_construct(self, hidden_states: ms.Tensor) -> ms.Tensor:
     projected = self.proj(hidden_states)
     half = projected.shape[-1] // 2
     return projected[..., :half] * self.gelu(projected[..., half:])
+
+
+def upsample2d_construct(self, hidden_states: ms.Tensor, output_size=None) -> ms.Tensor:
+    """mindone's `Upsample2D.construct` for graphs with dynamic height and width: norm, nearest 2x, conv. mindone's
+    own makes the tensor contiguous under a size test (`numel() * 2 > 2**31`), a branch on a runtime value that a
+    dynamic-shape graph cannot compile ("Failed to find input ... PrimFunc_Contiguous"); contiguity changes no
+    value, so the test is dropped. `output_size` is always 2x here: buckets' sides are multiples of the UNet's
+    whole downsampling factor, the only case where the UNet passes none."""
+    if self.norm is not None:
+        hidden_states = self.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    if self.use_conv_transpose:
+        return self.conv(hidden_states)
+    if self.interpolate:
+        _, _, h, w = hidden_states.shape
+        hidden_states = mint.nn.functional.interpolate(hidden_states, size=(h * 2, w * 2), mode="nearest")
+    if self.use_conv:
+        hidden_states = self.conv(hidden_states) if self.name == "conv" else self.Conv2d_0(hidden_states)
+    return hidden_states
+
+
+def apply_dynamic_shape_substitutes() -> list[str]:  # noqa: PLW0603 (one switch, set once per process)
+    """What graphs with dynamic height and width need, on any device target: the upsampler above, and convolutions
+    in one form for every size (`conv2d_by_gather` otherwise picks its form by the output's size). Idempotent."""
+    global _dynamic_shapes
+    if not _dynamic_shapes:
+        from mindone.diffusers.models.upsampling import Upsample2D
+
+        _originals["Upsample2D.construct"] = Upsample2D.construct
+        Upsample2D.construct = upsample2d_construct
+        _dynamic_shapes = True
+    return ["mindone.diffusers Upsample2D.construct", "conv2d_by_gather: one form"]
 
 
 # --- applying them ------------------------------------------------------------------------------------------------
