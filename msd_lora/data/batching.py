@@ -55,7 +55,8 @@ class BatchOrder:
         """(group, item indices) of every batch of `epoch`, in order."""
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
-        if self._cached is None or self._cached[0] != epoch:
+        cached = self._cached  # one read: loader threads may replace it meanwhile
+        if cached is None or cached[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             batches = []
             for g, items in enumerate(self.groups):
@@ -65,8 +66,8 @@ class BatchOrder:
                 batches += [(g, filled[i * self.batch_size:(i + 1) * self.batch_size]) for i in range(count)]
             if self.shuffle:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
-            self._cached = (epoch, batches)
-        return self._cached[1]
+            cached = self._cached = (epoch, batches)
+        return cached[1]
 
     def batch(self, epoch: int, index: int) -> np.ndarray:
         """Item indices of batch `index` (0-based, < steps_per_epoch) of `epoch`."""

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("mindspore")
 pytest.importorskip("mindone")
 
+from msd_lora.backends.probe import probe_for
 from msd_lora.config import load_train_config
 from msd_lora.tokenizer import PromptTokenizer
 from msd_lora.train import Trainer
@@ -73,14 +74,18 @@ def test_cached_inputs_equal_uncached_on_mindspore(pair, measured):
     _, ms_t = pair
     uncached = TrainingInputs(ms_t.dataset, ms_t.order, ms_t.captions, ms_t.tokenizer, ms_t.backend, ms_t.info,
                               ms_t.schedule, ms_t.cfg.seed, caches=CacheSettings())
-    worst = 0.0
+    probe = probe_for(ms_t.backend)
+    worst, worst_loss = 0.0, 0.0
     for step in (0, 3, 7):
         cached, plain = ms_t.micro_batch(step), uncached(step)
         worst = max(worst, max_relative_error(cached.latent_mean, plain.latent_mean),
                     max_relative_error(cached.latent_std, plain.latent_std),
                     max_relative_error(cached.context, plain.context))
         assert np.array_equal(cached.noise, plain.noise)
+        losses = probe.loss(cached), probe.loss(plain)
+        worst_loss = max(worst_loss, abs(losses[0] - losses[1]) / abs(losses[1]))
     assert measured("MindSpore cached vs uncached step inputs", worst, 1e-5) <= 1e-5
+    assert measured("MindSpore cached vs uncached loss (relative)", worst_loss, 1e-5) <= 1e-5
 
 
 def test_loras_after_twenty_bucketed_cached_steps_agree(pair, measured):
