@@ -215,9 +215,13 @@ class Trainer:
         compiling = self.backend.compiles_graphs and start < self.plan.total_steps
         if compiling:
             shapes = len(self.dataset.buckets)
-            once = "once per run" if shapes == 1 or getattr(self.backend, "dynamic_shapes", False) else \
-                f"once per bucket shape: {shapes} shapes, each compiled when first used (bucket_graphs: dynamic " \
-                f"compiles one graph for all)"
+            if shapes == 1:
+                once = "once per run"
+            elif getattr(self.backend, "dynamic_shapes", False):
+                once = (f"once for all {shapes} bucket shapes: a dynamic-shape graph, whose steps run slower than "
+                        f"static ones on CPU; bucket_graphs: per_shape compiles one static graph per shape")
+            else:
+                once = f"once per bucket shape: {shapes} shapes, each when first used"
             log.message(f"{self.backend.name}: compiling the training graph on the first step (about 30 s for the "
                         f"tiny model, minutes for SD-size models; {once})")
             log.bar.set_description("train (compiling)")

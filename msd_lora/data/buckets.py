@@ -35,6 +35,9 @@ class BucketSettings:
         if self.step % side_multiple:
             raise ConfigError(f"bucket_reso_steps {self.step} must be a multiple of {side_multiple} for this model "
                               f"(the VAE and the UNet's downsampling divide each side by {side_multiple})")
+        if self.image_size % side_multiple:
+            raise ConfigError(f"image_size {self.image_size} must be a multiple of {side_multiple} with buckets (the "
+                              f"square bucket and the validation samples use it)")
         if not self.min_reso <= self.image_size <= self.max_reso:
             raise ConfigError(f"image_size {self.image_size} must lie between min_bucket_reso {self.min_reso} and "
                               f"max_bucket_reso {self.max_reso}")
