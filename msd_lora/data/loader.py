@@ -62,18 +62,21 @@ class BatchMaker:
 
 
 class Prefetcher(Generic[T]):
-    """`get(step)` = `make(step)`, computed up to `ahead` steps in advance by `workers` threads (0: inline)."""
+    """`get(step)` = `make(step)`, computed up to `ahead` steps in advance by `workers` threads (0: inline). The
+    threads start with the first `get` and stop at `close`; a `get` after `close` starts them again."""
 
     def __init__(self, make: Callable[[int], T], workers: int, ahead: int | None = None):
         self.make = make
         self.workers = workers
         self.ahead = ahead if ahead is not None else 2 * workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="msd-lora-data") if workers > 0 else None
+        self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
 
     def get(self, step: int) -> T:
-        if self._pool is None:
+        if self.workers == 0:
             return self.make(step)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="msd-lora-data")
         for stale in [s for s in self._pending if s < step]:
             self._pending.pop(stale).cancel()
         for ahead in range(step, step + max(1, self.ahead)):
@@ -82,11 +85,12 @@ class Prefetcher(Generic[T]):
         return self._pending.pop(step).result()
 
     def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
         if self._pool is not None:
-            for future in self._pending.values():
-                future.cancel()
-            self._pending.clear()
             self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __enter__(self) -> Prefetcher[T]:
         return self

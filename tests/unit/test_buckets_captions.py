@@ -104,6 +104,8 @@ def test_prefetching_workers_give_identical_batches(tmp_path: Path) -> None:
         threaded = [ahead.get(s) for s in (0, 1, 2, 5, 6, 7, 8, 9, 10, 11)]
     for got, want in zip(threaded, [inline[s] for s in (0, 1, 2, 5, 6, 7, 8, 9, 10, 11)]):
         assert np.array_equal(got.pixels, want.pixels) and got.captions == want.captions and got.crops == want.crops
+    assert np.array_equal(ahead.get(4).pixels, inline[4].pixels)  # usable after close: the threads start again
+    ahead.close()
 
 
 def test_feature_cache_keys_and_disk_entries(tmp_path: Path) -> None:
