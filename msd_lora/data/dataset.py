@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from msd_lora.data import transforms
 from msd_lora.data.buckets import BucketSettings, Placement, assign, bucket_table, square_placement
-from msd_lora.data.sources import CSV_NAME, ImageRecord, list_images
+from msd_lora.data.sources import ImageRecord, list_images
 from msd_lora.errors import DatasetError
 
 _WARN_EXAMPLES = 5
@@ -51,7 +51,6 @@ class CaptionedImageDataset:
         self.flip = flip
         self.bucket_settings = buckets
         self.listing = list_images(self.data_path, dataset_type, caption_extension, caption_column, instance_prompt)
-        self.csv_path = self.data_path / CSV_NAME
         table = bucket_table(buckets) if buckets else []
         self.records: list[ImageRecord] = []
         self.placements: list[Placement] = []

@@ -35,26 +35,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    """Resize with bicubic filtering so the shorter side is exactly `size`, keeping the aspect ratio."""
-    width, height = img.size
-    if min(width, height) == size:
-        return img
-    if width <= height:
-        new_size = (size, round(height * size / width))
-    else:
-        new_size = (round(width * size / height), size)
-    return img.resize(new_size, Image.Resampling.BICUBIC)
-
-
-def resize_to_cover(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize (bicubic, keeping the aspect ratio) to the smallest size that covers `width` x `height`."""
-    w, h = img.size
-    scale = max(width / w, height / h)
-    size = (max(width, round(w * scale)), max(height, round(h * scale)))
-    return img if size == (w, h) else img.resize(size, Image.Resampling.BICUBIC)
-
-
 def crop_box(size: tuple[int, int], target: tuple[int, int],
              rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a `target` (width, height) window in an image of `size`: centred when `rng` is
@@ -68,11 +48,6 @@ def crop_box(size: tuple[int, int], target: tuple[int, int],
         left = int(rng.integers(0, width - tw + 1))
         top = int(rng.integers(0, height - th + 1))
     return left, top, left + tw, top + th
-
-
-def crop(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:
-    """Crop a `size`x`size` square: centred when `rng` is None, else at an offset drawn from `rng`."""
-    return img.crop(crop_box(img.size, (size, size), rng))
 
 
 def hflip(img: Image.Image) -> Image.Image:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from msd_lora.data import transforms
 from msd_lora.data.batching import BatchOrder, augmentation_rng
+from msd_lora.data.buckets import square_placement
 from msd_lora.data.dataset import CaptionedImageDataset, SkippedImagesWarning
 from msd_lora.errors import DatasetError
 
@@ -42,6 +43,10 @@ def folder(tmp_path: Path) -> Path:
     solid((8, 8), GREEN).save(tmp_path / "c.png")
     write_csv(tmp_path, [("a.png", 'a red, "bright" square'), ("sub/b.jpg", "blue"), ("c.png", "green")])
     return tmp_path
+
+
+def square_crop(img: Image.Image, size: int, rng=None) -> Image.Image:
+    return img.crop(transforms.crop_box(img.size, (size, size), rng))
 
 
 def load_quietly(*args, **kwargs) -> CaptionedImageDataset:
@@ -85,28 +90,28 @@ def test_resize_then_center_crop_keeps_the_middle_stripe(tmp_path: Path) -> None
 def test_center_crop_offsets_are_exact() -> None:
     wide = np.zeros((16, 24, 3), np.uint8)
     wide[:] = (np.arange(24) * 10)[None, :, None]
-    cropped = np.asarray(transforms.crop(Image.fromarray(wide), 16))
+    cropped = np.asarray(square_crop(Image.fromarray(wide), 16))
     assert cropped.shape == (16, 16, 3)
     assert cropped[0, 0, 0] == 40 and cropped[0, -1, 0] == 190  # columns 4..19
     tall = Image.fromarray(wide.transpose(1, 0, 2).copy())
-    assert np.asarray(transforms.crop(tall, 16))[0, 0, 0] == 40  # rows 4..19
+    assert np.asarray(square_crop(tall, 16))[0, 0, 0] == 40  # rows 4..19
 
 
-def test_resize_short_side() -> None:
-    assert transforms.resize_short_side(solid((40, 32), RED), 16).size == (20, 16)
-    assert transforms.resize_short_side(solid((30, 45), RED), 20).size == (20, 30)
-    assert transforms.resize_short_side(solid((5, 7), RED), 10).size == (10, 14)  # upscales too
+def test_square_placement_resizes_the_short_side() -> None:
+    assert square_placement(40, 32, 16).resize == (20, 16)
+    assert square_placement(30, 45, 20).resize == (20, 30)
+    assert square_placement(5, 7, 10).resize == (10, 14)  # upscales too
 
 
 def test_random_crop_uses_rng_and_stays_in_bounds() -> None:
     wide = np.zeros((16, 24, 3), np.uint8)
     wide[:] = (np.arange(24) * 10)[None, :, None]
     img = Image.fromarray(wide)
-    offsets = {int(np.asarray(transforms.crop(img, 16, np.random.default_rng(s)))[0, 0, 0]) // 10
+    offsets = {int(np.asarray(square_crop(img, 16, np.random.default_rng(s)))[0, 0, 0]) // 10
                for s in range(30)}
     assert offsets <= set(range(9)) and len(offsets) > 3
-    a = transforms.crop(img, 16, np.random.default_rng(7))
-    b = transforms.crop(img, 16, np.random.default_rng(7))
+    a = square_crop(img, 16, np.random.default_rng(7))
+    b = square_crop(img, 16, np.random.default_rng(7))
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
