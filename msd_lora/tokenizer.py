@@ -148,7 +148,6 @@ class PromptTokenizer:
     def __init__(self, tokenizer_dir: str | Path, max_token_length: int = 75):
         from transformers import CLIPTokenizer
 
-        self.tokenizer_dir = tokenizer_dir
         self._tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self._set_length(max_token_length)
 
@@ -159,7 +158,6 @@ class PromptTokenizer:
         self.chunk_length = int(self._tok.model_max_length)  # 77: BOS + 75 + EOS
         self.chunks = max_token_length // 75
         self.max_tokens = self.chunks * (self.chunk_length - 2)
-        self.max_length = self.chunks * self.chunk_length
 
     def with_length(self, max_token_length: int) -> PromptTokenizer:
         """This tokenizer encoding up to `max_token_length` tokens (itself when that is its length already)."""

@@ -217,7 +217,7 @@ class Trainer:
             shapes = len(self.dataset.buckets)
             if shapes == 1:
                 once = "once per run"
-            elif getattr(self.backend, "dynamic_shapes", False):
+            elif self.backend.dynamic_shapes:
                 once = (f"once for all {shapes} bucket shapes: a dynamic-shape graph, whose steps run slower than "
                         f"static ones on CPU; bucket_graphs: per_shape compiles one static graph per shape")
             else:

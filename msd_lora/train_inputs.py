@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from msd_lora.backends.base import Backend, ModelInfo, StepBatch
+from msd_lora.config import TrainConfig
 from msd_lora.data.batching import BatchOrder
 from msd_lora.data.buckets import BucketSettings
 from msd_lora.data.cache import FeatureCache, weights_identity
@@ -56,7 +57,7 @@ class RunData:
     workers: int
 
     @classmethod
-    def from_config(cls, cfg, pretrained: PretrainedModel) -> RunData:
+    def from_config(cls, cfg: TrainConfig, pretrained: PretrainedModel) -> RunData:
         """Reads the dataset (checked, bucketed) and, for the caches, the identities of the frozen networks' weights
         (before a backend takes them)."""
         buckets = bucket_settings(cfg, pretrained.configs)
@@ -114,7 +115,7 @@ class RunData:
         return path
 
 
-def bucket_settings(cfg, configs: dict[str, dict]) -> BucketSettings | None:
+def bucket_settings(cfg: TrainConfig, configs: dict[str, dict]) -> BucketSettings | None:
     """The config's bucket settings, checked against what the model divides a side by; None without buckets."""
     if not cfg.enable_bucket:
         return None

@@ -116,6 +116,7 @@ class Backend(ABC):
 
     name: str
     compiles_graphs = False  # True where the first train step compiles a graph (MindSpore graph mode)
+    dynamic_shapes = False  # True where one compiled step serves every image height and width
 
     def __init__(self, options: BackendOptions):
         self.options = options

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from msd_lora.errors import TensorFileError
-from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
+from msd_lora.files.safetensors_file import read_header, read_safetensors, write_safetensors
 
 KEY_METADATA = "msd_lora.cache_key"
 CACHE_FORMAT = 1  # bump when what an entry holds changes: old entries are then never read
@@ -40,7 +40,6 @@ class FeatureCache:
         self.kind = kind
         self.folder = Path(folder) / kind if folder else None
         self._memory: dict[str, dict[str, np.ndarray]] = {}
-        self.hits = self.misses = 0
 
     @staticmethod
     def key_text(parts: dict[str, Any]) -> str:
@@ -52,16 +51,18 @@ class FeatureCache:
 
     def get(self, parts: dict[str, Any]) -> dict[str, np.ndarray] | None:
         key = self.key_text(parts)
-        found = self._memory.get(key) if self.folder is None else self._read(key)
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return found
+        return self._memory.get(key) if self.folder is None else self._read(key)
 
     def __contains__(self, parts: dict[str, Any]) -> bool:
+        """Whether an entry for exactly `parts` is stored (on disk: its header says so; the tensors are not read)."""
         key = self.key_text(parts)
-        return key in self._memory if self.folder is None else self._read(key) is not None
+        if self.folder is None:
+            return key in self._memory
+        path = self._path(key)
+        try:
+            return path.is_file() and read_header(path)[1].get("__metadata__", {}).get(KEY_METADATA) == key
+        except (TensorFileError, OSError):
+            return False
 
     def put(self, parts: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         key = self.key_text(parts)

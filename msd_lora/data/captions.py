@@ -37,11 +37,6 @@ class CaptionOptions:
             text = shuffled(text, rng, self.keep_tokens, self.separator)
         return text
 
-    @property
-    def random(self) -> bool:
-        """Whether the caption of an image can change from step to step."""
-        return self.dropout_rate > 0 or self.shuffle
-
 
 def shuffled(caption: str, rng: np.random.Generator, keep_tokens: int = 0, separator: str = ",") -> str:
     """The caption's tags (split at `separator`, stripped) with all but the first `keep_tokens` shuffled, joined

@@ -28,7 +28,7 @@ from msd_lora.files.plain import read_utf8
 
 CSV_NAME = "img_txt.csv"
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # the eval tools read the same
 DEFAULT_CAPTION_EXTENSIONS = (".caption", ".txt")
 SOURCE_KINDS = ("auto", "mindone_csv", "kohya", "imagefolder", "instance")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from msd_lora.data.sources import IMAGE_EXTENSIONS
 from msd_lora.errors import ImageInputError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CONVERSIONS = {  # PIL mode -> what convert("RGB") does to it
     "L": "grayscale, replicated to 3 channels",
     "LA": "grayscale + alpha, replicated to 3 channels, alpha dropped",

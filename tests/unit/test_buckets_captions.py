@@ -50,6 +50,10 @@ def test_bucket_settings_checks() -> None:
         BucketSettings(512, 256, 1024, 32).check(64)
     with pytest.raises(ValueError, match="image_size 128 must lie between"):
         BucketSettings(128, 256, 1024, 64).check(64)
+    with pytest.raises(ValueError, match="image_size 520 must be a multiple of 64 with buckets"):
+        BucketSettings(520, 256, 1024, 64).check(64)
+    with pytest.raises(ValueError, match="min_bucket_reso 200 and max_bucket_reso 1024 must be multiples of"):
+        BucketSettings(512, 200, 1024, 64).check(64)
 
 
 def write_images(folder: Path, sizes: list[tuple[int, int]]) -> None:

@@ -131,3 +131,27 @@ def test_shipped_train_configs_are_valid(name):
 def test_resume_and_overwrite_exclude_each_other():
     with pytest.raises(ConfigError, match="'overwrite' and 'resume' exclude each other"):
         load_train_config(["--resume", "True", "--overwrite", "True"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cache_latents", "True", "--random_crop", "True"], r"cache_latents needs the same crop.*random_crop"),
+    (["--cache_text_embeddings", "True", "--lora_ft_text_encoder", "True"], r"needs a frozen text encoder"),
+    (["--cache_text_embeddings", "True", "--shuffle_caption", "True"], r"cannot cache captions that shuffle_caption"),
+    (["--cache_to_disk", "True"], r"cache_to_disk is on but nothing is cached"),
+    (["--min_bucket_reso", "512", "--max_bucket_reso", "256"], r"min_bucket_reso 512 is above max_bucket_reso 256"),
+    (["--num_workers", "2", "--dataloader_num_workers", "1"], r"'num_workers' and 'dataloader_num_workers' are the same"),
+    (["--max_token_length", "100"], r"'max_token_length' is 100; choose one of \[75, 150, 225\]"),
+])
+def test_data_options_that_exclude_each_other(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(flags)
+
+
+def test_mindone_key_names_are_aliases(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("num_workers: 3\nimage_filter_size: 200\n")
+    cfg = load_train_config(["--train_config", str(path)])
+    assert (cfg.dataloader_num_workers, cfg.min_image_size) == (3, 200)
+    path.write_text("num_workers: 3\ndataloader_num_workers: 2\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml: 'num_workers' and 'dataloader_num_workers' are the same"):
+        load_train_config(["--train_config", str(path)])

@@ -144,3 +144,24 @@ def test_exif_rotation_swaps_the_size_used_for_buckets(tmp_path: Path) -> None:
     assert ds.placements[0].resize == (16, 32)
     pixels, _ = ds.load(0)
     assert pixels.shape == (3, 16, 16)
+
+
+def test_broken_listings_name_the_file_and_line(tmp_path: Path) -> None:
+    image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\nnot json\n')
+    with pytest.raises(DatasetError, match=r"metadata\.jsonl line 2: not a JSON object"):
+        list_images(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(DatasetError, match=r"metadata\.jsonl line 1: needs a \"file_name\" string"):
+        list_images(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "../outside.png", "text": "x"}\n')
+    with pytest.raises(DatasetError, match=r"leaves the dataset folder"):
+        list_images(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    image(tmp_path / "4_dog" / "b.png")
+    (tmp_path / "4_dog" / "b.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"caption file .*b\.txt is not UTF-8 text.*iconv"):
+        list_images(tmp_path)
+    with pytest.raises(DatasetError, match=r"dataset_type 'instance' needs instance_prompt"):
+        list_images(tmp_path, dataset_type="instance")

@@ -194,7 +194,7 @@ class MindSporeBackend(Backend):
         pixels = Tensor(np.ascontiguousarray(pixels, np.float32))
         self._declare_dynamic(self._moments, (pixels,), spatial=(0,))
         mean, std = self._moments(pixels)
-        return mean.asnumpy().astype(np.float32), std.asnumpy().astype(np.float32)
+        return self.numpy(mean), self.numpy(std)
 
     # --- sampling ----------------------------------------------------------------------------
     def encode_prompts(self, token_ids: np.ndarray) -> Tensor:
