@@ -15,7 +15,7 @@ CORE = [
     "huggingface-hub==0.36.2",
 ]
 EXTRAS = {
-    "torch": ["torch==2.13.0", "diffusers==0.39.0", "peft==0.21.2"],
+    "torch": ["torch==2.13.0", "diffusers==0.39.0", "peft==0.21.2", "prodigyopt==1.1.2"],
     "mindspore": ["mindspore==2.10.0", "mindone==0.5.0"],
     "eval": ["scipy>=1.11"],
     "dev": ["pytest>=8.0", "ruff==0.17.6"],

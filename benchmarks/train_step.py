@@ -82,9 +82,10 @@ def model_path(case: str, scratch: Path) -> Path:
     return REPO / "msd_lora/assets/tiny_sd" if case == "tiny" else scratch / case
 
 
-def setup(backend_name: str, case: str, path: Path):
+def setup(backend_name: str, case: str, path: Path, side: int | None = None, checkpointing: bool = False):
     """(backend with the LoRA injected and training configured, the step's numpy inputs, UNet parameter count), the
-    way the Trainer builds them."""
+    way the Trainer builds them; `side` overrides the case's image side, `checkpointing` turns gradient
+    checkpointing on."""
     from msd_lora.backends.base import BackendOptions, OptimizerSettings, get_backend
     from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
     from msd_lora.models.pretrained import load_model
@@ -96,14 +97,17 @@ def setup(backend_name: str, case: str, path: Path):
     backend = get_backend(backend_name, BackendOptions(device="cpu"))
     info = backend.load_model(pretrained, cfg.prediction_type)
     spec = LoraSpec(rank=RANK, alpha=float(RANK), targets={"unet": UNET_TARGETS})
-    shapes = backend.linear_shapes()
+    shapes = backend.layer_shapes()
     targets = select_targets(spec, shapes)
     backend.add_lora(spec, targets, init_lora_weights(spec, targets, shapes, 0))
+    if checkpointing:
+        backend.enable_gradient_checkpointing()
     backend.configure_training(OptimizerSettings(
         betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, clip_grad=False, max_grad_norm=1.0,
         loss_scaler_type="dynamic", init_loss_scale=65536.0, loss_scale_factor=2.0, scale_window=1000,
         use_ema=False, ema_decay=0.9999))
-    _, side, batch = CASES[case]
+    _, case_side, batch = CASES[case]
+    side = side or case_side
     rng = np.random.default_rng(0)
     latent = info.latent_shape(batch, side)
     timesteps = np.full(batch, 500, np.int64)

@@ -15,6 +15,7 @@ import numpy as np
 from msd_lora.errors import ResumeError, TensorFileError
 from msd_lora.files.safetensors_file import read_safetensors, write_safetensors
 from msd_lora.lora.core import LoraWeights, from_tensors, to_tensors
+from msd_lora.optimizers import SCALARS, state_shapes
 
 RESUME_FORMAT = "msd_lora.resume/1"
 RESUME_NAME = "train_resume.safetensors"
@@ -28,8 +29,7 @@ class ResumeState:
     scalars: dict[str, Any] = field(default_factory=dict)  # backend scalars + loop counters
 
 
-MOMENTS = ("optimizer.exp_avg", "optimizer.exp_avg_sq")
-EMA = "ema"
+OPTIMIZER, EMA = "optimizer", "ema"
 
 
 @dataclass(frozen=True)
@@ -37,45 +37,61 @@ class TrainingState:
     """A resume file's backend state after `check_training_state`: every array of a kind present, or none."""
 
     optimizer_step: int
-    exp_avg: dict[str, np.ndarray] | None  # AdamW moments by canonical LoRA tensor key; None: fresh optimizer
-    exp_avg_sq: dict[str, np.ndarray] | None
+    optimizer: dict[str, dict[str, np.ndarray]] | None  # state name -> LoRA tensor key -> array; None: fresh
+    optimizer_scalars: dict[str, float]  # prodigy's d, d_max, d_numerator (`optimizers.SCALARS`)
     ema: dict[str, np.ndarray] | None  # None: the EMA starts from the weights
     loss_scale: float | None  # the dynamic scaler's scale; None: not recorded (keep init_loss_scale)
     scaler_growth_tracker: int
 
 
-def check_training_state(arrays: dict[str, np.ndarray], scalars: dict[str, Any],
-                         shapes: dict[str, tuple[int, ...]], source: str = "resume state") -> TrainingState:
-    """Check backend arrays (`optimizer.exp_avg.<key>`, `optimizer.exp_avg_sq.<key>`, `ema.<key>`) against the
-    model's LoRA tensor shapes: no unknown keys, no wrong shapes, each kind complete or absent."""
-    groups: dict[str, dict[str, np.ndarray]] = {prefix: {} for prefix in (*MOMENTS, EMA)}
+def check_training_state(arrays: dict[str, np.ndarray], scalars: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                         optimizer: str = "adamw", source: str = "resume state") -> TrainingState:
+    """Check backend arrays (`optimizer.<state>.<key>` as `optimizers.state_shapes` says for `optimizer`,
+    `ema.<key>`) against the model's LoRA tensor shapes: no unknown keys, no wrong shapes, each kind complete or
+    absent, written by the same optimizer."""
+    written_by = scalars.get("optimizer", "adamw")  # files from before other optimizers existed are AdamW's
+    step = int(scalars.get("optimizer_step", 0))
+    if step > 0 and written_by != optimizer:
+        raise ResumeError(f"{source} holds {written_by}'s state at optimizer step {step}; this run uses {optimizer}: "
+                          f"set optim: {written_by} to resume it")
+    expected = {key: state_shapes(optimizer, shape) for key, shape in shapes.items()}
+    found: dict[str, dict[str, np.ndarray]] = {}
+    ema: dict[str, np.ndarray] = {}
     unknown = []
     for name, value in arrays.items():
-        prefix = next((p for p in groups if name.startswith(p + ".")), None)
-        key = name[len(prefix) + 1:] if prefix else None
-        if key not in shapes:
+        if name.startswith(EMA + "."):
+            key, kind, want = name[len(EMA) + 1:], EMA, shapes.get(name[len(EMA) + 1:])
+        elif name.startswith(OPTIMIZER + "."):
+            kind, _, key = name[len(OPTIMIZER) + 1:].partition(".")
+            want = expected.get(key, {}).get(kind)
+        else:
+            key, kind, want = "", "", None
+        if want is None:
             unknown.append(name)
             continue
-        if tuple(value.shape) != tuple(shapes[key]):
-            raise ResumeError(f"{source}: {name} has shape {tuple(value.shape)}, the model's LoRA tensor "
-                              f"{tuple(shapes[key])}: it was written with another lora_rank")
-        groups[prefix][key] = value
+        if tuple(value.shape) != tuple(want):
+            raise ResumeError(f"{source}: {name} has shape {tuple(value.shape)}, this run's LoRA needs {tuple(want)}: "
+                              f"it was written with another lora_rank")
+        (ema if kind == EMA else found.setdefault(kind, {}))[key] = value
     if unknown:
         raise ResumeError(f"{source}: {len(unknown)} arrays fit no LoRA tensor of this model (e.g. {unknown[:2]}): "
                           "it was written for other lora targets or another model")
-    for prefix, found in groups.items():
-        if found and len(found) != len(shapes):
-            missing = sorted(set(shapes) - set(found))
-            raise ResumeError(f"{source}: {prefix} holds {len(found)} of the {len(shapes)} LoRA tensors (missing "
-                              f"e.g. {missing[:2]}): the file is incomplete")
-    step = int(scalars.get("optimizer_step", 0))
-    exp_avg, exp_avg_sq = (groups[p] or None for p in MOMENTS)
-    if step > 0 and (exp_avg is None or exp_avg_sq is None):
-        raise ResumeError(f"{source}: optimizer step {step} without both AdamW moments: the file is incomplete")
+    if ema and len(ema) != len(shapes):
+        raise ResumeError(f"{source}: ema holds {len(ema)} of the {len(shapes)} LoRA tensors (missing e.g. "
+                          f"{sorted(set(shapes) - set(ema))[:2]}): the file is incomplete")
+    wanted = {(kind, key) for key, kinds in expected.items() for kind in kinds}
+    present = {(kind, key) for kind, values in found.items() for key in values}
+    if (present or step > 0) and present != wanted:
+        missing = sorted(f"{OPTIMIZER}.{kind}.{key}" for kind, key in wanted - present)
+        raise ResumeError(f"{source}: {len(missing)} of {optimizer}'s {len(wanted)} state arrays are missing (e.g. "
+                          f"{missing[:2]}) at optimizer step {step}: the file is incomplete")
+    names = [n for n in SCALARS[optimizer] if n != "optimizer_step"]
+    if step > 0 and any(n not in scalars for n in names):
+        raise ResumeError(f"{source}: {optimizer}'s scalars {names} are missing: the file is incomplete")
     loss_scale = scalars.get("loss_scale")
-    return TrainingState(optimizer_step=step, exp_avg=exp_avg if step else None,
-                         exp_avg_sq=exp_avg_sq if step else None, ema=groups[EMA] or None,
-                         loss_scale=None if loss_scale is None else float(loss_scale),
+    return TrainingState(optimizer_step=step, optimizer=found if step else None,
+                         optimizer_scalars={n: float(scalars[n]) for n in names} if step else {},
+                         ema=ema or None, loss_scale=None if loss_scale is None else float(loss_scale),
                          scaler_growth_tracker=int(scalars.get("scaler_growth_tracker", 0)))
 
 

@@ -21,8 +21,10 @@ from typing import Any
 import yaml
 
 from msd_lora.data.sources import SOURCE_KINDS
+from msd_lora.diffusion.losses import HUBER_SCHEDULES, LOSS_TYPES
 from msd_lora.diffusion.samplers import SAMPLERS
 from msd_lora.errors import ConfigError
+from msd_lora.optimizers import OPTIMIZERS
 from msd_lora.options import FALSE, TRUE, add_arguments, check_keys, coerce_all, fields_of, setting, suggest, to_plain
 from msd_lora.tokenizer import TOKEN_LENGTHS
 
@@ -30,6 +32,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS, COMMAND_LINE = "defaults", "command line"
 # mindone's names for the same settings (its train yamls load verbatim)
 ALIASES = {"num_workers": "dataloader_num_workers", "image_filter_size": "min_image_size"}
+# kohya sd-scripts' names for the same settings
+ALIASES.update(conv_dim="conv_rank", sample_sampler="validation_sampler", min_snr_gamma="snr_gamma",
+               ip_noise_gamma="input_perturbation",
+               debiased_estimation_loss="debiased_estimation")
 
 
 @dataclass(frozen=True)
@@ -99,15 +105,48 @@ class TrainConfig:
     ckpt_save_interval: int = setting(1, "save a LoRA checkpoint every N epochs (or steps with step_mode)", low=1)
     step_mode: bool = setting(False, "count ckpt_save_interval in steps instead of epochs")
     log_interval: int = setting(1, "write a log row every N optimizer steps", low=1)
+    # loss (docs/training.md)
+    prediction_type: str = setting("", "what the UNet learns to predict; empty = the model's own (its scheduler "
+                                       "config / model yaml)", choices=("", "epsilon", "v_prediction"))
+    zero_terminal_snr: bool = setting(False, "rescale the betas so the last timestep is pure noise (needs "
+                                             "v_prediction)")
+    snr_gamma: float | None = setting(None, "min-SNR-gamma loss weighting (5 is usual; kohya: min_snr_gamma); "
+                                            "empty = off", low=0.0, low_open=True)
+    debiased_estimation: bool = setting(False, "weight the loss by 1/sqrt(SNR) (1/(SNR+1) for v_prediction)")
+    loss_type: str = setting("l2", "l2 (squared error), huber (pseudo-Huber) or smooth_l1", choices=LOSS_TYPES)
+    huber_c: float = setting(0.1, "Huber threshold (huber, smooth_l1)", low=0.0, low_open=True, high=1.0)
+    huber_schedule: str = setting("snr", "how the Huber threshold varies with the timestep", choices=HUBER_SCHEDULES)
+    noise_offset: float = setting(0.0, "noise offset strength (0.05-0.1 usual; 0 = off)", low=0.0, high=1.0)
+    adaptive_noise_scale: float = setting(0.0, "with noise_offset: add this times |latent channel mean| to it",
+                                          low=-1.0, high=1.0)
+    multires_noise_iterations: int = setting(0, "multi-resolution (pyramid) noise levels (6-10 usual; 0 = off)",
+                                             low=0, high=64)
+    multires_noise_discount: float = setting(0.3, "weight ratio between pyramid noise levels", low=0.0,
+                                             low_open=True, high=1.0)
+    input_perturbation: float = setting(0.0, "extra noise on the UNet's input only (0.1 usual; kohya: "
+                                             "ip_noise_gamma; 0 = off)", low=0.0, high=1.0)
+    gradient_checkpointing: bool = setting(False, "recompute each UNet block (and text-encoder layer) in the backward "
+                                                  "pass: less memory, about a third more time per step")
     # learning rate
     scheduler: str = setting("cosine_decay", "lr schedule", choices=("constant", "cosine_decay", "linear_decay"))
     start_learning_rate: float = setting(1e-4, "peak learning rate", low=0.0, low_open=True, high=1.0)
     end_learning_rate: float = setting(0.0, "final learning rate of a decaying schedule", low=0.0, high=1.0)
+    unet_lr: float | None = setting(None, "peak learning rate of the UNet LoRA; empty = start_learning_rate (the "
+                                          "schedule's shape applies to each part)", low=0.0, high=1.0)
+    text_encoder_lr: float | None = setting(None, "peak learning rate of the text-encoder LoRA; empty = "
+                                                  "start_learning_rate", low=0.0, high=1.0)
     warmup_steps: int = setting(0, "linear warmup steps", low=0)
     decay_steps: int = setting(0, "decay length after warmup; 0 = until the last step", low=0)
     # optimizer
-    optim: str = setting("adamw", "optimizer", choices=("adamw",))
-    betas: tuple[float, ...] = setting((0.9, 0.999), "AdamW betas: beta1, beta2", low=0.0, high=1.0, high_open=True,
+    optim: str = setting("adamw", "optimizer: adamw, prodigy (adaptive step size: keep the learning rate at 1.0) "
+                                  "or adafactor (factored second moments; docs/training.md)", choices=OPTIMIZERS)
+    prodigy_d_coef: float = setting(1.0, "prodigy: multiplier of the estimated step size (2 is a common choice)",
+                                    low=0.0, low_open=True, high=100.0)
+    prodigy_use_bias_correction: bool = setting(False, "prodigy: Adam's bias correction of the step size "
+                                                       "(recommended for diffusion by prodigy's authors)")
+    prodigy_safeguard_warmup: bool = setting(False, "prodigy: leave the learning rate out of the step-size estimate "
+                                                    "(use with warmup)")
+    betas: tuple[float, ...] = setting((0.9, 0.999), "AdamW / prodigy betas: beta1, beta2", low=0.0, high=1.0, high_open=True,
                                        split=True)
     weight_decay: float = setting(1e-2, "decoupled weight decay", low=0.0, high=1.0)
     optim_eps: float = setting(1e-8, "AdamW epsilon", low=0.0, low_open=True, high=1.0)
@@ -134,17 +173,44 @@ class TrainConfig:
                              choices=("kaiming", "gaussian"))
     init_lora_path: str = setting("", "start from this LoRA (a file in any format msd-lora reads, or a diffusers LoRA "
                                       "folder); its layers must be among the targets, with rank lora_rank", path=True)
-    lora_target_modules: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"), "UNet module names for LoRA",
+    lora_target_modules: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"), "UNet module names for LoRA "
+                                                   "(name suffixes), or one preset: attention, lierla (attention + "
+                                                   "feed-forward + proj), c3lier (lierla + ResNet and sampler convs)",
                                                    split=True)
     lora_te_target_modules: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "out_proj"),
-                                                      "text-encoder module names for LoRA", split=True)
-    # validation
-    validation_prompts: tuple[str, ...] = setting((), "prompts sampled at the end of training (default: the "
-                                                      "dataset's first two captions)")
+                                                      "text-encoder module names for LoRA, or a preset (attention; "
+                                                      "lierla / c3lier add the MLP)", split=True)
+    lora_type: str = setting("lora", "lora, or dora (weight-decomposed: a trained magnitude per output channel)",
+                             choices=("lora", "dora"))
+    use_rslora: bool = setting(False, "rank-stabilised LoRA: update scale alpha / sqrt(rank) instead of alpha / rank")
+    lora_dropout: float = setting(0.0, "dropout on each LoRA branch's input (peft's lora_dropout)", low=0.0, high=1.0,
+                                  high_open=True)
+    network_dropout: float = setting(0.0, "dropout on each LoRA down projection's output (kohya's network_dropout)",
+                                     low=0.0, high=1.0, high_open=True)
+    conv_rank: int | None = setting(None, "rank of LoRAs on convolutions larger than 1x1 (LoCon; kohya: conv_dim); "
+                                          "empty = lora_rank", low=1)
+    conv_alpha: float | None = setting(None, "alpha of those LoRAs; empty = conv_rank (lora_alpha when conv_rank is "
+                                             "empty)", low=0.0, low_open=True)
+    # samples and validation during training (docs/training.md)
+    validation_prompts: tuple[str, ...] = setting((), "prompts sampled during and at the end of training (default: "
+                                                      "the dataset's first two captions)")
+    validation_negative_prompt: str = setting("", "negative prompt of the validation samples")
     validation_steps: int = setting(25, "sampler steps for validation images", low=1, high=1000)
     validation_sampler: str = setting("dpm_solver_pp", "sampler for validation images", choices=SAMPLERS)
     validation_guidance_scale: float = setting(5.0, "classifier-free guidance for validation images", low=0.0,
                                                high=100.0)
+    validation_images: int = setting(4, "images per validation prompt", low=1, high=64)
+    validation_seed: int | None = setting(None, "seed of the validation samples' noise; empty = seed", low=0)
+    sample_every_n_steps: int = setting(0, "draw the validation samples every N optimizer steps (0 = only at the "
+                                           "end), from the checkpoint saved at that step", low=0)
+    sample_every_n_epochs: int = setting(0, "draw them every N epochs (0 = off)", low=0)
+    validation_split: float = setting(0.0, "share of the dataset's images held out for the validation loss (0 = "
+                                           "none)", low=0.0, high=0.5)
+    validation_data_path: str = setting("", "a dataset folder for the validation loss instead of a split",
+                                        path=True)
+    validate_every_n_steps: int = setting(0, "validation loss every N optimizer steps (0: at every checkpoint "
+                                             "save) when held-out data is set", low=0)
+    validate_every_n_epochs: int = setting(0, "validation loss every N epochs (0 = off)", low=0)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with `changes`, checked like any other value."""
@@ -188,6 +254,36 @@ def build_config(values: Mapping[str, Any], origins: Mapping[str, str]) -> Train
     if typed["cache_to_disk"] and not (typed["cache_latents"] or typed["cache_text_embeddings"]):
         raise ConfigError(f"{where('cache_to_disk')}: cache_to_disk is on but nothing is cached: set cache_latents "
                           f"and/or cache_text_embeddings")
+    if typed["validation_split"] and typed["validation_data_path"]:
+        raise ConfigError(f"{where('validation_split')}: validation_split and validation_data_path both give held-out "
+                          f"images: set one of them")
+    if (typed["validate_every_n_steps"] or typed["validate_every_n_epochs"]) and not (
+            typed["validation_split"] or typed["validation_data_path"]):
+        key = "validate_every_n_steps" if typed["validate_every_n_steps"] else "validate_every_n_epochs"
+        raise ConfigError(f"{where(key)}: {key} is set but there are no held-out images: set validation_split (e.g. "
+                          f"0.1) or validation_data_path")
+    if typed["optim"] == "prodigy" and (typed["unet_lr"] is not None or typed["text_encoder_lr"] is not None):
+        key = "unet_lr" if typed["unet_lr"] is not None else "text_encoder_lr"
+        raise ConfigError(f"{where(key)}: prodigy estimates one step size for every LoRA weight (prodigyopt allows no "
+                          f"per-part rates): leave unet_lr and text_encoder_lr empty")
+    if typed["optim"] == "prodigy" and typed["scheduler"] != "constant" and typed["end_learning_rate"] == 0 \
+            and typed["decay_steps"]:
+        raise ConfigError(f"{where('decay_steps')}: with prodigy the learning rate must stay above 0 (prodigyopt fails "
+                          f"at 0), but decay_steps {typed['decay_steps']} with end_learning_rate 0 reaches it: set "
+                          f"end_learning_rate above 0 or decay_steps 0")
+    if typed["lora_dropout"] and typed["lora_type"] == "dora":
+        raise ConfigError(f"{where('lora_dropout')}: lora_dropout with lora_type dora is not offered (peft then runs "
+                          f"the frozen layer a second time on the dropped input); use network_dropout with DoRA")
+    if typed["conv_alpha"] is not None and typed["conv_rank"] is None:
+        raise ConfigError(f"{where('conv_alpha')}: conv_alpha is set but conv_rank is not: set conv_rank too (or use "
+                          f"lora_alpha for every layer)")
+    if typed["adaptive_noise_scale"] and not typed["noise_offset"]:
+        raise ConfigError(f"{where('adaptive_noise_scale')}: adaptive_noise_scale adjusts noise_offset, which is 0: set "
+                          f"noise_offset (e.g. 0.05) or leave adaptive_noise_scale at 0")
+    if typed["zero_terminal_snr"] and typed["prediction_type"] == "epsilon":
+        raise ConfigError(f"{where('zero_terminal_snr')}: zero_terminal_snr needs prediction_type v_prediction (at the "
+                          f"last timestep the input is pure noise, so predicting the noise is trivial and the image is "
+                          f"never learnt): set prediction_type: v_prediction")
     if typed["min_bucket_reso"] > typed["max_bucket_reso"]:
         raise ConfigError(f"{where('min_bucket_reso')}: min_bucket_reso {typed['min_bucket_reso']} is above "
                           f"max_bucket_reso {typed['max_bucket_reso']}")

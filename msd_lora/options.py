@@ -174,7 +174,8 @@ def check_value(info: FieldInfo, value: Any, origin: str, whole: Any = None) -> 
     if value is None or isinstance(value, bool):
         return
     if s.choices is not None and value not in s.choices:
-        raise ConfigError(f"{origin}: '{info.name}' is {shown!r}; choose one of {list(s.choices)}")
+        raise ConfigError(f"{origin}: '{info.name}' is {shown!r}; choose one of {list(s.choices)}."
+                          f"{suggest(str(value), [str(c) for c in s.choices])}")
     if s.low is not None and (value <= s.low if s.low_open else value < s.low):
         raise ConfigError(f"{origin}: '{info.name}' is {shown!r}; it must be {range_text(s)}")
     if s.high is not None and (value >= s.high if s.high_open else value > s.high):

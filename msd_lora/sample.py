@@ -176,6 +176,30 @@ def read_lora_files(pairs: list[tuple[str, float]], index: ModuleIndex) -> list[
     return [(read_lora(path, index).weights, float(scale), str(path)) for path, scale in pairs]
 
 
+def follow_lora_training(pipeline: Pipeline, paths: list[str]) -> list[str]:
+    """A LoRA trained with another prediction type than the model's, or on a zero-terminal-SNR schedule (recorded in
+    msd-lora's metadata), samples the way it was trained: the pipeline's schedule follows the first such file.
+    Returns notes saying so."""
+    from msd_lora.files.safetensors_file import read_header
+    from msd_lora.lora.formats import lora_file_path
+
+    for path in paths:
+        file = lora_file_path(path)
+        if file.suffix != ".safetensors":
+            continue
+        metadata = read_header(file)[1].get("__metadata__", {})
+        prediction = metadata.get("msd_lora.prediction_type", pipeline.schedule.prediction_type)
+        zero_terminal = metadata.get("msd_lora.zero_terminal_snr") == "True"
+        if prediction == pipeline.schedule.prediction_type and not zero_terminal:
+            continue
+        schedule = pipeline.schedule.with_prediction_type(prediction)
+        pipeline.schedule = schedule.with_zero_terminal_snr().for_sampling() if zero_terminal else schedule
+        pipeline.backend.prediction_type = prediction
+        return [f"{path} was trained to predict {prediction}" + (" on a zero-terminal-SNR schedule" if zero_terminal
+                                                                else "") + "; sampling does the same"]
+    return []
+
+
 def merge_loras(backend: Backend, loras: list[tuple[LoraWeights, float, str]]) -> None:
     """Merge (weights, scale, source) LoRAs into the backend's frozen weights: W += scale*alpha/r*B@A."""
     shapes = backend.base_shapes()

@@ -25,22 +25,27 @@ import numpy as np
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, get_backend
 from msd_lora.checkpoint import RESUME_NAME, ResumeState, load_resume, save_resume
 from msd_lora.config import TrainConfig, write_config
+from msd_lora.diffusion.losses import LossOptions
+from msd_lora.diffusion.schedule import NoiseSchedule
 from msd_lora.errors import ConfigError, LoraMismatchError, ResumeError
 from msd_lora.files.atomic import atomic_write_text
+from msd_lora.held_out import ValidationLoss
 from msd_lora.lora.formats import lora_file_path, write_lora
 from msd_lora.lora.init_from import start_from_file
+from msd_lora.lora.merge import base_name
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
+from msd_lora.loss_plot import plot_losses
 from msd_lora.lr_schedule import learning_rate
+from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import load_model
 from msd_lora.output_folder import OutputFolder
-from msd_lora.sample import Pipeline, SamplingOptions, generate, image_grid, save_png
+from msd_lora.sample import Pipeline, SamplingOptions, generate, image_grid, merge_loras, read_lora_files, save_png
 from msd_lora.train_inputs import RunData
 from msd_lora.train_log import TrainLog
 
 RUN_OUTPUTS = ("lora.safetensors", "lora_mindone.ckpt", "train_config.yaml", "train_log.csv", "ckpt", "validation",
-               "tensorboard", "buckets.json")
-VALIDATION_IMAGES = 4  # per validation prompt
+               "tensorboard", "buckets.json", "samples", "loss.png")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -83,7 +88,7 @@ class Trainer:
         if cfg.init_lora_path:
             lora_file_path(cfg.init_lora_path)  # exists: checked before the model loads
         pretrained, self.model_config = load_model(cfg.pretrained_model_path, cfg.model_config or None)
-        self.schedule = self.model_config.noise_schedule()
+        self.schedule = training_schedule(cfg, self.model_config)
         self.notes = [n for n in (self.model_config.note, pretrained.metadata.get("note")) if n]
         self.module_index = ModuleIndex.for_model(pretrained.configs)
         self.data = RunData.from_config(cfg, pretrained)
@@ -92,23 +97,31 @@ class Trainer:
         self.notes += self.data.truncation_notes()
         dynamic = cfg.bucket_graphs == "dynamic" or (cfg.bucket_graphs == "auto" and len(self.dataset.buckets) > 1)
         self.backend = backend or get_backend(cfg.backend, BackendOptions.from_config(cfg, dynamic_shapes=dynamic))
-        self.info = self.backend.load_model(pretrained, self.model_config.prediction_type)
+        self.info = self.backend.load_model(pretrained, self.schedule.prediction_type)
         if cfg.image_size % self.info.vae_scale_factor:
             raise ConfigError(f"image_size {cfg.image_size} is not a multiple of the VAE's downscale factor "
                               f"{self.info.vae_scale_factor}")
-        self.pipeline = Pipeline(self.backend, self.info, self.tokenizer, self.schedule, cfg.image_size,
+        self.pipeline = Pipeline(self.backend, self.info, self.tokenizer, self.schedule.for_sampling(), cfg.image_size,
                                  self.module_index)
         self.pipeline.check(self.validation_options())  # a bad validation setting fails now, not after training
         self.spec = LoraSpec.from_config(cfg)
-        shapes = self.backend.linear_shapes()
+        shapes = self.backend.layer_shapes()
         targets = select_targets(self.spec, shapes)
-        initial = init_lora_weights(self.spec, targets, shapes, cfg.seed)
+        base = self.backend.base_weights([f"{c}.{n}.weight" for c, names in targets.items() for n in names]) \
+            if self.spec.dora else None
+        initial = init_lora_weights(self.spec, targets, shapes, cfg.seed, base)
         if cfg.init_lora_path:
             initial, message = start_from_file(cfg.init_lora_path, initial, self.spec, self.module_index)
             self.notes.append(message)
         self.backend.add_lora(self.spec, targets, initial)
+        if cfg.gradient_checkpointing:
+            self.backend.enable_gradient_checkpointing()
         self.backend.configure_training(OptimizerSettings.from_config(cfg))
-        self.inputs = self.data.inputs(self.backend, self.info, self.schedule)
+        loss_options = LossOptions.from_config(cfg)
+        self.inputs = self.data.inputs(self.backend, self.info, self.schedule, loss_options,
+                                       dropout=bool(self.spec.dropout or self.spec.network_dropout))
+        self.validation = ValidationLoss(self.data.held_out, self.tokenizer, self.backend, self.info, self.schedule,
+                                         loss_options) if self.data.held_out else None
         self.plan = self._plan()
         self._stop_requested = False
 
@@ -124,6 +137,13 @@ class Trainer:
     def micro_batch(self, micro_step: int) -> StepBatch:
         """The exact inputs of micro-step `micro_step` (0-based, counted over the whole run)."""
         return self.inputs(micro_step)
+
+    def part_rates(self, lr: float) -> dict[str, float | None]:
+        """The log's learning rates at a step whose rate is `lr`: the UNet LoRA's (`lr`; the text encoder's when only
+        it trains) and the text encoder's (None when it is frozen)."""
+        settings = OptimizerSettings.from_config(self.cfg)
+        text = lr * settings.lr_scale("text_encoder") if self.cfg.lora_ft_text_encoder else None
+        return {"lr": lr * settings.lr_scale("unet") if self.cfg.lora_ft_unet else text, "lr_text_encoder": text}
 
     def lr_at(self, step: int) -> float:
         """The learning rate of 0-based optimizer step `step`."""
@@ -166,7 +186,10 @@ class Trainer:
 
     def save_lora(self, path: Path, step: int) -> Path:
         weights = self.backend.lora_weights(ema=self.cfg.use_ema)
-        extra = {"msd_lora.backend": self.backend.name, "msd_lora.ema": str(self.cfg.use_ema)}
+        extra = {"msd_lora.backend": self.backend.name, "msd_lora.ema": str(self.cfg.use_ema),
+                 "msd_lora.lora_type": self.cfg.lora_type, "msd_lora.use_rslora": str(self.cfg.use_rslora),
+                 "msd_lora.prediction_type": self.schedule.prediction_type,
+                 "msd_lora.zero_terminal_snr": str(self.schedule.zero_terminal_snr)}
         if self.cfg.init_lora_path:
             extra["msd_lora.init_lora"] = str(self.cfg.init_lora_path)
         return write_lora(path, weights, base_model=self.info.base_model, step=step, extra=extra)
@@ -175,8 +198,25 @@ class Trainer:
         interval = self.cfg.ckpt_save_interval
         if self.cfg.step_mode:
             return step % interval == 0
+        return self._epoch_ends(step, interval)
+
+    def _epoch_ends(self, step: int, every: int) -> bool:
+        """True when optimizer step `step` completes an epoch whose number is a multiple of `every` (0: never)."""
         before, after = math.floor(self.plan.epoch_of(step - 1)), math.floor(self.plan.epoch_of(step))
-        return after > before and after % interval == 0
+        return every > 0 and after > before and after % every == 0
+
+    def _samples_due(self, step: int) -> bool:
+        every = self.cfg.sample_every_n_steps
+        return (every > 0 and step % every == 0) or self._epoch_ends(step, self.cfg.sample_every_n_epochs)
+
+    def _validation_due(self, step: int) -> bool:
+        cfg = self.cfg
+        if self.validation is None:
+            return False
+        if not (cfg.validate_every_n_steps or cfg.validate_every_n_epochs):
+            return self._checkpoint_due(step) or step == self.plan.total_steps
+        return (cfg.validate_every_n_steps > 0 and step % cfg.validate_every_n_steps == 0) or \
+            self._epoch_ends(step, cfg.validate_every_n_epochs)
 
     # --- loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -245,12 +285,18 @@ class Trainer:
                 log.message(f"step {step + 1}: gradients not finite, update skipped (loss scale "
                             f"{result.loss_scale:g}, {skipped} skipped so far)")
             done = step + 1
-            log.step({"step": done, "epoch": round(self.plan.epoch_of(done), 4), "loss": loss, "lr": lr,
+            validation = self.validation.loss() if self._validation_due(done) else None
+            log.step({"step": done, "epoch": round(self.plan.epoch_of(done), 4), "loss": loss, **self.part_rates(lr),
                       "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
-                      "overflow": int(result.overflow), "skipped_steps": skipped},
-                     write=done % self.cfg.log_interval == 0 or done == self.plan.total_steps)
+                      "overflow": int(result.overflow), "skipped_steps": skipped, "val_loss": validation},
+                     write=done % self.cfg.log_interval == 0 or done == self.plan.total_steps or validation is not None)
+            if validation is not None:
+                log.message(f"step {done}: validation loss {validation:.5f} ({self.validation.images} held-out images)")
             if self._checkpoint_due(done) or done == self.plan.total_steps:
                 self.save_checkpoint(done, skipped)
+                plot_losses(log.csv_path, self.output / "loss.png")
+            if self._samples_due(done):
+                log.message(f"step {done}: samples in {self.sample_during_training(done)}")
         return done, skipped, loss
 
     def _progress(self, what: str, total: int) -> Callable[[int], None]:
@@ -281,24 +327,65 @@ class Trainer:
     def validation_options(self) -> SamplingOptions:
         cfg = self.cfg
         return SamplingOptions(sampler=cfg.validation_sampler, steps=cfg.validation_steps,
-                               guidance_scale=cfg.validation_guidance_scale, height=cfg.image_size,
-                               width=cfg.image_size, seed=cfg.seed, n_samples=VALIDATION_IMAGES,
-                               max_token_length=cfg.max_token_length)
+                               guidance_scale=cfg.validation_guidance_scale,
+                               negative_prompt=cfg.validation_negative_prompt, height=cfg.image_size,
+                               width=cfg.image_size, seed=cfg.seed if cfg.validation_seed is None else cfg.validation_seed,
+                               n_samples=cfg.validation_images, max_token_length=cfg.max_token_length)
+
+    def validation_prompts(self) -> list[str]:
+        return list(self.cfg.validation_prompts) or list(dict.fromkeys(self.dataset.captions))[:2]
+
+    def sample_during_training(self, step: int) -> Path:
+        """The validation prompts sampled from the LoRA file of `step` merged into the base weights, exactly as
+        `text_to_image.py --lora_ckpt_path <that file>` samples them (its grid-PPP.png): the live LoRA layers are
+        switched off meanwhile and the base weights restored after."""
+        path = self.output / "ckpt" / f"lora-{step:06d}.safetensors"
+        if not path.exists():
+            self.save_lora(path, step)
+        loras = read_lora_files([(str(path), 1.0)], self.module_index)
+        names = sorted({base_name(key) for key in loras[0][0]})
+        saved = self.backend.base_weights(names)
+        folder = self.output / "samples" / f"step-{step:06d}"
+        options = self.validation_options()
+        merge_loras(self.backend, loras)
+        self.backend.set_lora_enabled(False)
+        try:
+            prompts = self.validation_prompts()
+            for i, prompt in enumerate(prompts):
+                images = generate(self.pipeline, prompt, options.n_samples, options, i)
+                save_png(folder / f"prompt{i:02d}.png", image_grid(images, columns=options.n_samples))
+            atomic_write_text(folder / "prompts.txt", "\n".join(prompts) + "\n")
+        finally:
+            self.backend.set_base_weights(saved)
+            self.backend.set_lora_enabled(True)
+        return folder
 
     def write_validation_samples(self) -> list[Path]:
         """A grid per validation prompt (default: the dataset's first two captions), with the trained LoRA."""
-        prompts = list(self.cfg.validation_prompts) or list(dict.fromkeys(self.dataset.captions))[:2]
+        prompts = self.validation_prompts()
         options = self.validation_options()
         if self.cfg.use_ema:
             self.backend.set_lora_weights(self.backend.lora_weights(ema=True))
         paths = []
         for i, prompt in enumerate(prompts):
-            images = generate(self.pipeline, prompt, VALIDATION_IMAGES, options, i)
+            images = generate(self.pipeline, prompt, options.n_samples, options, i)
             path = self.output / "validation" / f"prompt{i:02d}.png"
             save_png(path, image_grid(images), upscale=max(1, 128 // self.cfg.image_size))
             paths.append(path)
         atomic_write_text(self.output / "validation" / "prompts.txt", "\n".join(prompts) + "\n")
         return paths
+
+
+def training_schedule(cfg: TrainConfig, model_config: ModelConfig) -> NoiseSchedule:
+    """The model's noise schedule with the config's prediction_type and zero_terminal_snr applied."""
+    schedule = model_config.noise_schedule().with_prediction_type(cfg.prediction_type or model_config.prediction_type)
+    if cfg.zero_terminal_snr:
+        if schedule.prediction_type != "v_prediction":
+            raise ConfigError(f"zero_terminal_snr needs v-prediction, and {model_config.path or 'the model'} predicts "
+                              f"{schedule.prediction_type}: set prediction_type: v_prediction (the LoRA then learns "
+                              f"to predict v)")
+        schedule = schedule.with_zero_terminal_snr()
+    return schedule
 
 
 @contextmanager

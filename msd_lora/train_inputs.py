@@ -25,9 +25,12 @@ from msd_lora.data.captions import CaptionOptions
 from msd_lora.data.dataset import CaptionedImageDataset
 from msd_lora.data.loader import BatchMaker, HostBatch, Prefetcher
 from msd_lora.data.transforms import crop_box
+from msd_lora.diffusion.losses import LossOptions
 from msd_lora.diffusion.schedule import NoiseSchedule
 from msd_lora.files.atomic import atomic_write_text
 from msd_lora.files.plain import sha256_of
+from msd_lora.held_out import HeldOut, split_items
+from msd_lora.lora.dropout import step_seed
 from msd_lora.models.pretrained import PretrainedModel
 from msd_lora.tokenizer import TOKEN_LENGTHS, PromptTokenizer, cache_root
 
@@ -55,6 +58,7 @@ class RunData:
     buckets: BucketSettings | None
     seed: int
     workers: int
+    held_out: HeldOut | None = None  # images for the validation loss
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, pretrained: PretrainedModel) -> RunData:
@@ -74,13 +78,22 @@ class RunData:
             vae_identity=weights_identity(pretrained.state["vae"]) if cfg.cache_latents else "",
             text_encoder_identity=weights_identity(pretrained.state["text_encoder"]) if cfg.cache_text_embeddings
             else "")
-        return cls(dataset, BatchOrder(dataset.groups(), cfg.train_batch_size, cfg.seed), captions,
-                   PromptTokenizer(pretrained.tokenizer_dir, cfg.max_token_length), caches, buckets, cfg.seed,
-                   cfg.dataloader_num_workers)
+        training, held = split_items(len(dataset), cfg.validation_split, cfg.seed)
+        held_out = HeldOut(dataset, held, cfg.train_batch_size, captions, cfg.seed) if held else None
+        if cfg.validation_data_path:
+            other = CaptionedImageDataset(
+                cfg.validation_data_path, cfg.image_size, caption_column=cfg.caption_column,
+                caption_extension=cfg.caption_extension, instance_prompt=cfg.instance_prompt, buckets=buckets,
+                min_image_size=cfg.min_image_size)
+            held_out = HeldOut(other, list(range(len(other))), cfg.train_batch_size, captions, cfg.seed)
+        order = BatchOrder(dataset.groups(set(training)), cfg.train_batch_size, cfg.seed)
+        return cls(dataset, order, captions, PromptTokenizer(pretrained.tokenizer_dir, cfg.max_token_length), caches,
+                   buckets, cfg.seed, cfg.dataloader_num_workers, held_out)
 
-    def inputs(self, backend: Backend, info: ModelInfo, schedule: NoiseSchedule) -> TrainingInputs:
+    def inputs(self, backend: Backend, info: ModelInfo, schedule: NoiseSchedule, loss: LossOptions = LossOptions(),
+               dropout: bool = False) -> TrainingInputs:
         return TrainingInputs(self.dataset, self.order, self.captions, self.tokenizer, backend, info, schedule,
-                              self.seed, self.workers, self.caches)
+                              self.seed, self.workers, self.caches, loss, dropout)
 
     def truncation_notes(self) -> list[str]:
         """A warning when captions are longer than max_token_length (they are truncated)."""
@@ -101,6 +114,11 @@ class RunData:
         lines = [f"dataset: {listing.kind} ({listing.listed_in}), {len(self.dataset)} images, "
                  f"{self.order.num_items} per epoch with repeats, {self.order.steps_per_epoch} batches of "
                  f"{self.order.batch_size} per epoch"]
+        if self.held_out is not None:
+            where = "of them held out" if self.held_out.dataset is self.dataset else \
+                f"from {self.held_out.dataset.data_path}"
+            lines.append(f"validation loss: {len(self.held_out.items)} images {where}, at timesteps "
+                         f"10/350/500/650/990 of 1000")
         if self.buckets is not None or len(counts) > 1:
             lines.append("buckets (width x height: images, with repeats): " + ", ".join(
                 f"{w}x{h}: {n} ({r})" for (w, h), (n, r) in counts.items()))
@@ -131,10 +149,11 @@ class TrainingInputs:
 
     def __init__(self, dataset: CaptionedImageDataset, order: BatchOrder, captions: CaptionOptions,
                  tokenizer: PromptTokenizer, backend: Backend, info: ModelInfo, schedule: NoiseSchedule, seed: int,
-                 workers: int = 0, caches: CacheSettings = CacheSettings()):
+                 workers: int = 0, caches: CacheSettings = CacheSettings(), loss: LossOptions = LossOptions(),
+                 dropout: bool = False):
         self.dataset, self.order, self.captions, self.tokenizer = dataset, order, captions, tokenizer
         self.backend, self.info, self.schedule, self.seed = backend, info, schedule, seed
-        self.caches = caches
+        self.caches, self.loss, self.dropout = caches, loss, dropout
         self.latents = FeatureCache("latents", caches.folder) if caches.latents else None
         self.texts = FeatureCache("text", caches.folder) if caches.text else None
         self.batches = Prefetcher(BatchMaker(dataset, order, captions, seed, with_pixels=self.latents is None),
@@ -156,11 +175,18 @@ class TrainingInputs:
         timesteps = rng.integers(0, self.schedule.num_train_timesteps, shape[0]).astype(np.int64)
         noise = rng.standard_normal(shape, dtype=np.float32)
         posterior_noise = rng.standard_normal(shape, dtype=np.float32)
+        latents = (mean + std * posterior_noise) * np.float32(self.info.scaling_factor) if self.loss.needs_latents \
+            else None
+        noise = self.loss.noise(noise, latents, rng)  # the draws of the loss options come after the ones above
+        input_noise = self.loss.input_noise(noise, rng)
         sqrt_alpha, sqrt_one_minus = self.schedule.coefficients(timesteps)
         token_ids = self.tokenizer(host.captions)
         text = {"token_ids": token_ids} if self.backend.trains_text_encoder else {"context": self._context(token_ids)}
         return StepBatch(latent_mean=mean, latent_std=std, posterior_noise=posterior_noise, noise=noise,
-                         timesteps=timesteps, sqrt_alpha=sqrt_alpha, sqrt_one_minus_alpha=sqrt_one_minus, **text)
+                         timesteps=timesteps, sqrt_alpha=sqrt_alpha, sqrt_one_minus_alpha=sqrt_one_minus,
+                         input_noise=input_noise, loss_weights=self.loss.weights(self.schedule, timesteps),
+                         huber_c=self.loss.thresholds(self.schedule, timesteps),
+                         dropout_seed=step_seed(self.seed, micro_step) if self.dropout else 0, **text)
 
     def _moments(self, host: HostBatch) -> tuple[np.ndarray, np.ndarray]:
         if self.latents is None:

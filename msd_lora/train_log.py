@@ -7,7 +7,8 @@ from pathlib import Path
 
 from msd_lora.output_folder import open_for_writing
 
-COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "overflow", "skipped_steps", "elapsed_s"]
+COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "overflow", "skipped_steps", "elapsed_s",
+           "lr_text_encoder", "val_loss"]
 
 
 class TrainLog:
@@ -46,8 +47,11 @@ class TrainLog:
         self.writer.writerow(row)
         self.file.flush()
         if self.tensorboard is not None:
-            for key in ("loss", "lr", "loss_scale", "skipped_steps"):
-                self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
+            for key in ("loss", "lr", "lr_text_encoder", "loss_scale", "skipped_steps"):
+                if row.get(key) is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
+            if row.get("val_loss") is not None:
+                self.tensorboard.add_scalar("validation/loss", row["val_loss"], row["step"])
 
     def message(self, text: str) -> None:
         self.bar.write(text)

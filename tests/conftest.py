@@ -51,3 +51,16 @@ def tiny_args(output: Path, *extra: str) -> list[str]:
     """CLI arguments for a short run of the tiny config writing into `output`."""
     return ["--train_config", str(TINY_TRAIN_CONFIG), "--pretrained_model_path", str(TINY_MODEL),
             "--data_path", str(TINY_DATA), "--output_path", str(output), *extra]
+
+
+def interrupt_on_call(backend, call: int) -> None:
+    """Make `backend.train_step` raise KeyboardInterrupt on its `call`-th call (1-based), as a kill there would."""
+    real_step, calls = backend.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    backend.train_step = step

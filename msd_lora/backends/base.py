@@ -72,13 +72,32 @@ class OptimizerSettings:
     scale_window: int
     use_ema: bool
     ema_decay: float
+    lr_scales: tuple[tuple[str, float], ...] = ()  # (component, its learning rate / the step's lr); absent = 1
+    optimizer: str = "adamw"  # msd_lora.optimizers.OPTIMIZERS
+    d_coef: float = 1.0  # prodigy
+    use_bias_correction: bool = False  # prodigy
+    safeguard_warmup: bool = False  # prodigy
 
     @classmethod
     def from_config(cls, cfg) -> OptimizerSettings:
         return cls(betas=tuple(cfg.betas), eps=cfg.optim_eps, weight_decay=cfg.weight_decay,
                    clip_grad=cfg.clip_grad, max_grad_norm=cfg.max_grad_norm, loss_scaler_type=cfg.loss_scaler_type,
                    init_loss_scale=cfg.init_loss_scale, loss_scale_factor=cfg.loss_scale_factor,
-                   scale_window=cfg.scale_window, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay)
+                   scale_window=cfg.scale_window, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
+                   lr_scales=learning_rate_scales(cfg), optimizer=cfg.optim, d_coef=cfg.prodigy_d_coef,
+                   use_bias_correction=cfg.prodigy_use_bias_correction,
+                   safeguard_warmup=cfg.prodigy_safeguard_warmup)
+
+    def lr_scale(self, key: str) -> float:
+        """The learning-rate multiplier of a LoRA tensor ('<component>.<module>...')."""
+        return dict(self.lr_scales).get(key.partition(".")[0], 1.0)
+
+
+def learning_rate_scales(cfg) -> tuple[tuple[str, float], ...]:
+    """Each part's peak learning rate (unet_lr, text_encoder_lr) over start_learning_rate: the step's rate times it is
+    the part's rate, so warmup and decay shape every part alike (kohya's meaning)."""
+    parts = (("unet", cfg.unet_lr), ("text_encoder", cfg.text_encoder_lr))
+    return tuple((part, lr / cfg.start_learning_rate) for part, lr in parts if lr is not None)
 
 
 @dataclass(frozen=True)
@@ -96,10 +115,23 @@ class StepBatch:
     sqrt_one_minus_alpha: np.ndarray  # (B,) float32
     token_ids: np.ndarray | None = None  # (B, chunks * 77) int64, when the text encoder trains
     context: np.ndarray | None = None  # (B, L, D) float32 text-encoder output, when it is frozen
+    input_noise: np.ndarray | None = None  # (B, C, h, w): noise the UNet's input is made with; None = `noise`
+    loss_weights: np.ndarray | None = None  # (B,) float32 per-sample loss weights; None = ones
+    huber_c: np.ndarray | None = None  # (B,) float32 per-sample Huber thresholds, 0 = squared error; None = zeros
+    dropout_seed: int = 0  # the LoRA dropout masks' seed (`lora.dropout.step_seed`); 0 = no dropout
 
     def __post_init__(self) -> None:
         if (self.token_ids is None) == (self.context is None):
             raise ValueError("a StepBatch holds either token_ids (text encoder trained) or context (frozen)")
+
+    def loss_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(input noise, weights, thresholds, squared) as the backends' loss takes them (`losses.weighted_loss`)."""
+        from msd_lora.diffusion.losses import loss_inputs
+
+        n = len(self.timesteps)
+        weights = np.ones(n, np.float32) if self.loss_weights is None else self.loss_weights
+        thresholds = np.zeros(n, np.float32) if self.huber_c is None else self.huber_c
+        return (self.noise if self.input_noise is None else self.input_noise, *loss_inputs(weights, thresholds))
 
 
 @dataclass(frozen=True)
@@ -122,7 +154,7 @@ class Backend(ABC):
         self.options = options
         self.info: ModelInfo | None = None
         self.prediction_type = "epsilon"
-        self.alpha = 1.0
+        self.alphas: dict[str, float] = {}  # LoRA layer key -> its alpha
         self.trains_text_encoder = False  # set by add_lora: then a StepBatch carries token ids, not a context
 
     # --- model -------------------------------------------------------------------------------
@@ -139,8 +171,9 @@ class Backend(ABC):
         """Build and fill unet / vae / text_encoder, frozen, in eval mode."""
 
     @abstractmethod
-    def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
-        """component -> linear module name -> (out_features, in_features)."""
+    def layer_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """component -> module name -> weight shape, for every layer a LoRA can wrap: linear layers (out, in) and
+        2-D convolutions (out, in, kh, kw)."""
 
     @abstractmethod
     def _base_parameters(self) -> dict[str, Any]:
@@ -173,18 +206,20 @@ class Backend(ABC):
 
     # --- LoRA --------------------------------------------------------------------------------
     def add_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
-        """Wrap the target layers with trainable LoRA starting at `init`; freeze everything else."""
-        self.alpha = spec.alpha
+        """Wrap the target layers with trainable LoRA starting at `init` (its ranks and alphas per layer); freeze
+        everything else."""
+        self.alphas = {key: float(layer.alpha) for key, layer in init.items()}
         self.trains_text_encoder = bool(targets.get("text_encoder"))
-        self._inject_lora(spec, targets)
+        self._inject_lora(spec, targets, init)
         trainable, lora = self._trainable_count(), len(to_tensors(self.lora_weights()))
         if trainable != lora:  # what mindone asserts after injecting LoRA
             raise RuntimeError(f"only the {lora} LoRA parameters may be trainable, found {trainable} trainable")
         self.set_lora_weights(init)
 
     @abstractmethod
-    def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]]) -> None:
-        """Wrap each target layer with a LoRA; only the LoRA weights are trainable afterwards."""
+    def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
+        """Wrap each target layer with a LoRA of `init`'s rank and alpha (DoRA when the spec says so); only the LoRA
+        weights are trainable afterwards."""
 
     @abstractmethod
     def _trainable_count(self) -> int:
@@ -211,6 +246,19 @@ class Backend(ABC):
         """Forward/backward one micro-batch; apply the optimizer when `update` (after `accumulation` micro-batches)."""
 
     @abstractmethod
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each UNet ResNet and transformer block (and text-encoder layer) in the backward pass instead of
+        keeping its activations: less memory, one more forward per step, the same gradients."""
+
+    @abstractmethod
+    def evaluate_loss(self, batch: StepBatch) -> float:
+        """The loss of `batch` under the current weights: no gradients, no update, no state changed."""
+
+    @abstractmethod
+    def set_lora_enabled(self, enabled: bool) -> None:
+        """Switch every LoRA layer's contribution off (the frozen layers alone, exactly) or back on."""
+
+    @abstractmethod
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(arrays, scalars) that resume training exactly: optimizer moments by LoRA key, EMA, and the loss scale
         (`loss_scale`, `scaler_growth_tracker`) only where a dynamic loss scaler is in use."""
@@ -219,7 +267,12 @@ class Backend(ABC):
                             source: str = "resume state") -> None:
         """Restore `training_state()` output (possibly the other backend's), checked against this model's LoRA."""
         shapes = {k: v.shape for k, v in to_tensors(self.lora_weights()).items()}
-        self._restore_training_state(check_training_state(arrays, scalars, shapes, source))
+        self._restore_training_state(check_training_state(arrays, scalars, shapes, self.optimizer_name, source))
+
+    @property
+    def optimizer_name(self) -> str:
+        settings = getattr(self, "settings", None)
+        return settings.optimizer if settings is not None else "adamw"
 
     @abstractmethod
     def _restore_training_state(self, state: TrainingState) -> None:

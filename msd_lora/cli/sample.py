@@ -116,26 +116,28 @@ def lora_pairs(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 @exits_on_user_error
 def main(argv: list[str]) -> int:
+    from msd_lora import sample
     from msd_lora.backends.base import BackendOptions
     from msd_lora.output_folder import OutputFolder
-    from msd_lora.sample import SAMPLE_OUTPUTS, load_pipeline, merge_loras, read_lora_files, write_samples
 
     args = build_parser().parse_args(argv)
     options, prompts, loras = sampling_options(args), read_prompts(args), lora_pairs(args)
-    folder = OutputFolder(args.output_path, SAMPLE_OUTPUTS, "sampling run",
+    folder = OutputFolder(args.output_path, sample.SAMPLE_OUTPUTS, "sampling run",
                           overwrite=bool(flag_bool(args.overwrite, "--overwrite")))
     folder.check()
-    pipeline, notes = load_pipeline(args.pretrained_model_path, args.model_config, args.backend,
+    pipeline, notes = sample.load_pipeline(args.pretrained_model_path, args.model_config, args.backend,
                                     BackendOptions(device=args.device))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     pipeline.check(options)
     if loras:
-        merge_loras(pipeline.backend, read_lora_files(loras, pipeline.module_index))
+        sample.merge_loras(pipeline.backend, sample.read_lora_files(loras, pipeline.module_index))
+        for note in sample.follow_lora_training(pipeline, [path for path, _ in loras]):
+            print(f"note: {note}", file=sys.stderr)
     with folder.claimed() as out:
         if folder.replaced:
             print(f"replacing the earlier sampling run in {out} ({', '.join(folder.replaced)})", file=sys.stderr)
-        write_samples(pipeline, prompts, options, Path(out), loras, args.grid_scale)
+        sample.write_samples(pipeline, prompts, options, Path(out), loras, args.grid_scale)
     print(f"samples in {Path(args.output_path) / 'samples'}, grids in {args.output_path}")
     return 0
 

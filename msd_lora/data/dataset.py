@@ -86,12 +86,14 @@ class CaptionedImageDataset:
         """The (width, height) of every bucket in use, sorted."""
         return sorted({p.bucket for p in self.placements})
 
-    def groups(self) -> list[np.ndarray]:
-        """The items of one epoch, per bucket (in `buckets` order): record indices, each repeated `repeats` times."""
+    def groups(self, items: set[int] | None = None) -> list[np.ndarray]:
+        """The items of one epoch, per bucket (in `buckets` order): record indices (all, or those in `items`), each
+        repeated `repeats` times."""
         index = {bucket: i for i, bucket in enumerate(self.buckets)}
         groups: list[list[int]] = [[] for _ in index]
         for i, (record, placement) in enumerate(zip(self.records, self.placements)):
-            groups[index[placement.bucket]] += [i] * record.repeats
+            if items is None or i in items:
+                groups[index[placement.bucket]] += [i] * record.repeats
         return [np.asarray(g, dtype=np.int64) for g in groups]
 
     def bucket_counts(self) -> dict[tuple[int, int], tuple[int, int]]:

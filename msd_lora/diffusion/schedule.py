@@ -85,6 +85,34 @@ class NoiseSchedule:
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
         return cls.from_config(**{k: config[k] for k in keys if k in config})
 
+    def with_prediction_type(self, prediction_type: str) -> NoiseSchedule:
+        """The same schedule for a network predicting `prediction_type`."""
+        return NoiseSchedule(self.betas, self.alphas_cumprod, prediction_type)
+
+    def with_zero_terminal_snr(self) -> NoiseSchedule:
+        """Betas rescaled so the last timestep is pure noise (SNR 0), the first keeping its SNR (Lin et al. 2023,
+        "Common Diffusion Noise Schedules and Sample Steps are Flawed"; diffusers' `rescale_betas_zero_snr`):
+        sqrt(alphas_cumprod) is shifted to end at 0 and scaled to keep its first value."""
+        root = np.sqrt(self.alphas_cumprod)
+        first, last = root[0], root[-1]
+        root = (root - last) * first / (first - last)
+        cumprod = root**2
+        alphas = np.concatenate([cumprod[:1], cumprod[1:] / cumprod[:-1]])
+        return NoiseSchedule(1.0 - alphas, cumprod, self.prediction_type)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.alphas_cumprod[-1] == 0.0)
+
+    def for_sampling(self) -> NoiseSchedule:
+        """The schedule samplers use: a zero-terminal-SNR schedule's last alphas_cumprod set to 2**-24, as diffusers'
+        schedulers do, so the noise level sigma = sqrt((1 - a) / a) stays finite."""
+        if not self.zero_terminal_snr:
+            return self
+        cumprod = self.alphas_cumprod.copy()
+        cumprod[-1] = 2.0**-24
+        return NoiseSchedule(self.betas, cumprod, self.prediction_type)
+
     @property
     def num_train_timesteps(self) -> int:
         return int(self.betas.shape[0])
@@ -105,7 +133,8 @@ class NoiseSchedule:
     def snr(self, t: np.ndarray | int) -> np.ndarray:
         """Signal-to-noise ratio ``alphas_cumprod / (1 - alphas_cumprod)`` at timesteps ``t`` (float32, ``[B]``)."""
         a = self.alphas_cumprod[self._index(t)]
-        return (a / (1.0 - a)).astype(np.float32)
+        with np.errstate(divide="ignore"):  # t = 0 of a schedule whose alphas_cumprod[0] is 1 (none of SD's)
+            return (a / (1.0 - a)).astype(np.float32)
 
     def _index(self, t: np.ndarray | int) -> np.ndarray:
         t = np.atleast_1d(np.asarray(t))

@@ -39,8 +39,6 @@ def read_canonical(tensors: dict[str, np.ndarray], metadata: dict[str, str], sou
             raise LoraFormatError(f"{source}: key {name!r} is for component {component!r}{hint}; "
                                   f"expected one of {COMPONENTS}")
         renamed[name] = value
-    if any(".lora_magnitude_vector" in k for k in renamed):
-        raise LoraFormatError(f"{source} is a DoRA (lora_magnitude_vector): not supported, only plain LoRA")
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in renamed})
     declared = alphas_from_metadata(metadata, modules) or {}
     declared.update(alphas)

@@ -102,8 +102,18 @@ def _fuse_qkv(layers: list[LoraLayer | None], width: int) -> LoraLayer:
     return LoraLayer(down=down, up=up, alpha=float(sum(ranks)))
 
 
+def refuse_beyond_mindone(weights: LoraWeights) -> None:
+    """mindone's LoRA has no place for a DoRA magnitude (dropping it would change the model): say so and where it can
+    go instead. Convolution LoRAs (LoCon) are written, with the warning that mindone's loader skips them."""
+    dora = [k for k, layer in weights.items() if layer.magnitude is not None]
+    if dora:
+        raise LoraFormatError(f"mindone's LoRA format cannot hold DoRA layers (a magnitude vector), e.g. {dora[0]} "
+                              f"({len(dora)} layers): write it as diffusers/peft or kohya instead")
+
+
 def write_mindone(weights: LoraWeights, index: ModuleIndex) -> dict[str, np.ndarray]:
     """mindone LoRA tensors (alpha folded into B) plus `lora_rank`."""
+    refuse_beyond_mindone(weights)
     unet_cells = index.mindone_unet()
     out: dict[str, np.ndarray] = {}
     qkv: dict[int, list[LoraLayer | None]] = {}

@@ -30,8 +30,12 @@ def start_from_file(path: str | Path, fresh: LoraWeights, spec: LoraSpec, index)
     problems = []
     for key, layer in file.weights.items():
         target = fresh[key]
-        if layer.rank != spec.rank:
-            problems.append(f"{key}: rank {layer.rank}, this run trains rank {spec.rank} (set lora_rank: {layer.rank})")
+        if layer.rank != target.rank:
+            problems.append(f"{key}: rank {layer.rank}, this run trains rank {target.rank} (set lora_rank / conv_rank: "
+                            f"{layer.rank})")
+        elif (layer.magnitude is None) != (target.magnitude is None):
+            problems.append(f"{key}: {'a DoRA' if layer.magnitude is not None else 'a plain LoRA'} layer; set lora_type "
+                            f"to {'dora' if layer.magnitude is not None else 'lora'}")
         elif layer.down.shape != target.down.shape or layer.up.shape != target.up.shape:
             problems.append(f"{key}: A {layer.down.shape}, B {layer.up.shape}; the model needs A {target.down.shape}, "
                             f"B {target.up.shape} (a LoRA for another model?)")
@@ -39,8 +43,12 @@ def start_from_file(path: str | Path, fresh: LoraWeights, spec: LoraSpec, index)
         raise LoraFormatError(f"init_lora_path {path} does not fit this run:\n  " + "\n  ".join(problems[:4]))
     start = dict(fresh)
     for key, layer in file.weights.items():
-        up = layer.up.astype(np.float64) * (float(layer.alpha) / spec.alpha)
-        start[key] = LoraLayer(down=np.asarray(layer.down, np.float32).copy(), up=up.astype(np.float32), alpha=spec.alpha)
+        alpha = fresh[key].alpha
+        up = layer.up.astype(np.float64) * (float(layer.alpha) / alpha)
+        magnitude = None if layer.magnitude is None else np.asarray(layer.magnitude, np.float32).reshape(
+            fresh[key].magnitude.shape)
+        start[key] = LoraLayer(down=np.asarray(layer.down, np.float32).copy(), up=up.astype(np.float32), alpha=alpha,
+                               magnitude=magnitude)
     message = (f"initialised {len(file.weights)} of {len(fresh)} LoRA layers from {path} ({file.format} format)"
                + (f"; {len(fresh) - len(file.weights)} start fresh" if len(fresh) > len(file.weights) else ""))
     return start, message

@@ -1,4 +1,5 @@
-"""LoRA arithmetic in numpy, once for every backend and tool: W' = W + scale * (alpha / rank) * B @ A.
+"""LoRA arithmetic in numpy, once for every backend and tool: W' = W + scale * (alpha / rank) * B @ A (DoRA:
+`dora_delta`).
 
 Works on state dicts keyed `<component>.<module>.weight`. Linear LoRAs have A (r, in) and B (out, r);
 convolution LoRAs (LoCon, kohya conv_dim) have A (r, in, kh, kw) and B (out, r, 1, 1), and their update is
@@ -36,6 +37,20 @@ def delta(layer: LoraLayer, scale: float = 1.0, shape: tuple[int, ...] | None = 
     up = layer.up.reshape(layer.up.shape[0], -1).astype(np.float64)
     down = layer.down.reshape(layer.down.shape[0], -1).astype(np.float64)
     return (scale * layer.scale * (up @ down)).reshape(shape or update_shape(layer))
+
+
+def dora_delta(layer: LoraLayer, base: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """The change a DoRA layer makes to `base` (float64, base's shape), at strength `scale`:
+    `scale * (magnitude * V / ||V|| - W)` with `V = W + alpha/rank * B @ A`, the norm over every axis but the
+    magnitude's (per output channel for peft, per input channel for LyCORIS' default). A strength other than 1
+    moves that far along the full change (ComfyUI's and A1111's rule; peft instead rescales B @ A inside the norm)."""
+    weight = base.astype(np.float64)
+    direction = weight + delta(layer, 1.0, weight.shape)
+    magnitude = layer.magnitude.astype(np.float64)
+    magnitude = magnitude.reshape(magnitude.shape + (1,) * (weight.ndim - magnitude.ndim))  # a linear LoRA on a 1x1 conv
+    axes = tuple(i for i in range(weight.ndim) if magnitude.shape[i] == 1)
+    norm = np.sqrt((direction**2).sum(axis=axes, keepdims=True))
+    return scale * (magnitude * direction / norm - weight)
 
 
 def base_name(key: str) -> str:
@@ -80,13 +95,19 @@ def merged_weights(base: dict[str, np.ndarray], loras: list[tuple[LoraWeights, f
     for weights, scale in loras:
         for key, layer in weights.items():
             name = base_name(key)
-            update = delta(layer, scale, shapes[name])
+            if layer.magnitude is not None:
+                update = dora_delta(layer, base[name], scale)
+            else:
+                update = delta(layer, scale, shapes[name])
             totals[name] = totals[name] + update if name in totals else update
     return {name: (base[name].astype(np.float64) + total).astype(base[name].dtype) for name, total in totals.items()}
 
 
 def unmerged_weights(merged: dict[str, np.ndarray], loras: list[tuple[LoraWeights, float]]) -> dict[str, np.ndarray]:
-    """The base weights before `loras` were merged at their scales."""
+    """The base weights before `loras` were merged at their scales (plain LoRAs only: a DoRA's change depends on
+    the weight it was merged into, so undoing it needs that weight, not a subtraction)."""
+    if any(layer.magnitude is not None for weights, _ in loras for layer in weights.values()):
+        raise LoraMismatchError("a DoRA cannot be unmerged by subtraction: keep the base weights and restore them")
     return merged_weights(merged, [(weights, -scale) for weights, scale in loras])
 
 

@@ -48,6 +48,8 @@ def adapter_metadata(weights: LoraWeights) -> dict:
                         f"{component}.rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != rank},
                         f"{component}.alpha_pattern": {m: float(l.alpha) for m, l in layers.items()
                                                        if float(l.alpha) != alpha}})
+        if any(layer.magnitude is not None for layer in layers.values()):
+            adapter[f"{component}.use_dora"] = True
     return adapter
 
 

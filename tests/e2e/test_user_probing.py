@@ -45,7 +45,7 @@ def lora_file(tmp_path_factory) -> Path:
 
     pipeline, _ = load_pipeline(TINY_MODEL, None, "torch", BackendOptions(device="cpu"))
     spec = LoraSpec(rank=4, alpha=4.0, targets={"unet": ("to_q", "to_k", "to_v", "to_out.0")})
-    shapes = pipeline.backend.linear_shapes()
+    shapes = pipeline.backend.layer_shapes()
     weights = init_lora_weights(spec, select_targets(spec, shapes), shapes, seed=1)
     rng = np.random.default_rng(2)
     for layer in weights.values():

@@ -15,7 +15,7 @@ from mindspore import Tensor, mint
 
 from msd_lora.backends.base import BackendOptions
 from msd_lora.backends.mindspore.backend import MindSporeBackend
-from msd_lora.backends.mindspore.lora import LoraLinear
+from msd_lora.backends.mindspore.lora import LoraCell
 from msd_lora.backends.mindspore.optim import FlatAdamW
 from msd_lora.backends.mindspore.step import FlatLayout
 from msd_lora.errors import (
@@ -38,10 +38,15 @@ def backend(tiny_model):
     return b
 
 
+def lora_layer(shape: tuple[int, ...], rank: int, alpha: float) -> LoraLayer:
+    return LoraLayer(down=np.zeros((rank, *shape[1:]), np.float32),
+                     up=np.zeros((shape[0], rank, *[1] * (len(shape) - 2)), np.float32), alpha=alpha)
+
+
 @pytest.mark.parametrize("fp16", [False, True])
 def test_lora_linear_is_base_plus_scaled_update(fp16):
     base = mint.nn.Linear(12, 10, bias=True)
-    cell = LoraLinear(base, rank=3, alpha=6.0, fp16=fp16, key="unet.x")
+    cell = LoraCell(base, lora_layer((10, 12), 3, 6.0), fp16=fp16, dora=False, key="unet.x")
     down, up, x = randn(3, 12, seed=1), randn(10, 3, seed=2), randn(5, 12, seed=3)
     cell.down.set_data(Tensor(down))
     cell.up.set_data(Tensor(up))
@@ -52,11 +57,37 @@ def test_lora_linear_is_base_plus_scaled_update(fp16):
     assert cell.base is base  # held, not copied
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dora_and_conv_cells_compute_the_merged_layer(backend, kind):
+    """A LoRA cell's output equals the base layer with the numpy-merged weight (`lora.merge`), DoRA included."""
+    from msd_lora.lora.merge import merged_weights
+
+    if kind == "linear":
+        base, shape, x = mint.nn.Linear(12, 10, bias=True), (10, 12), randn(5, 12, seed=3)
+    else:
+        base, shape, x = mint.nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True), (10, 6, 3, 3), randn(2, 6, 9, 9, seed=3)
+    layer = lora_layer(shape, 3, 6.0)
+    layer.down, layer.up = randn(*layer.down.shape, seed=1) * 0.3, randn(*layer.up.shape, seed=2) * 0.3
+    weight = base.weight.asnumpy()
+    layer.magnitude = (np.sqrt((weight.reshape(10, -1) ** 2).sum(1)) * np.linspace(0.8, 1.2, 10)).astype(
+        np.float32).reshape(10, *[1] * (len(shape) - 1))
+    cell = LoraCell(base, layer, fp16=False, dora=True, key="unet.x")
+    from msd_lora.backends.mindspore.lora import write_weights
+
+    write_weights({"unet.x": cell}, {"unet.x": layer})
+    merged = merged_weights({"unet.x.weight": weight}, [({"unet.x": layer}, 1.0)])["unet.x.weight"]
+    plain = type(base)(12, 10, bias=True) if kind == "linear" else mint.nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    plain.weight.set_data(Tensor(merged))
+    plain.bias.set_data(base.bias.data)
+    got, want = cell(Tensor(x)).asnumpy(), plain(Tensor(x)).asnumpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
 def test_injection_keeps_names_unique_and_only_lora_trainable(tiny_model):
     b = MindSporeBackend(BackendOptions(device="cpu"))
     b.load_model(load_pretrained(tiny_model), "epsilon")
     spec = LoraSpec(rank=4, alpha=4.0, targets={"unet": ("to_q", "to_v"), "text_encoder": ("q_proj",)})
-    shapes = b.linear_shapes()
+    shapes = b.layer_shapes()
     targets = select_targets(spec, shapes)
     b.add_lora(spec, targets, init_lora_weights(spec, targets, shapes, seed=0))
     names = [p.name for p in b.unet.get_parameters()] + [p.name for p in b.text_encoder.get_parameters()]
@@ -87,7 +118,7 @@ def test_base_weights_refuse_a_wrong_shape(backend):
 
 def test_lora_weights_refuse_other_layers_and_shapes(backend, tiny_model):
     spec = LoraSpec(rank=2, alpha=2.0, targets={"unet": ("to_k",)})
-    shapes = backend.linear_shapes()
+    shapes = backend.layer_shapes()
     targets = select_targets(spec, shapes)
     weights = init_lora_weights(spec, targets, shapes, seed=0)
     key = next(iter(weights))
@@ -104,7 +135,7 @@ def test_lora_weights_refuse_other_layers_and_shapes(backend, tiny_model):
 def test_rank_larger_than_a_layer_is_an_error(backend):
     spec = LoraSpec(rank=1000, alpha=1.0, targets={"unet": ("to_q",)})
     with pytest.raises(LoraSpecError, match="lora_rank 1000 is larger than"):
-        select_targets(spec, backend.linear_shapes())
+        select_targets(spec, backend.layer_shapes())
 
 
 def test_flash_attention_on_cpu_falls_back_with_a_warning():  # mindone's v2 yamls set it
@@ -149,7 +180,7 @@ def test_native_lora_checkpoint_round_trips(backend, tmp_path, tiny_model):
     from msd_lora.lora.module_index import ModuleIndex
 
     spec = LoraSpec(rank=4, alpha=8.0, targets={"unet": ("to_q", "to_out.0")})
-    shapes = backend.linear_shapes()
+    shapes = backend.layer_shapes()
     targets = select_targets(spec, shapes)
     weights = init_lora_weights(spec, targets, shapes, seed=1)
     for layer in weights.values():

@@ -68,6 +68,7 @@ def trainer(tmp_path, backend: str) -> Trainer:
     args = tiny_args(tmp_path / backend, "--backend", backend, "--device", DEVICES[backend],
                      "--max_train_steps", str(STEPS), "--warmup_steps", "2",
                      "--lora_ft_text_encoder", "True", "--use_ema", "True", "--ema_decay", "0.9",
+                     "--unet_lr", "4e-3", "--text_encoder_lr", "1e-3",  # per-part learning rates
                      "--scale_window", "3", "--validation_prompts", PROMPT, "--validation_steps", "5",
                      "--overwrite", "True")  # test_loop_counts_and_logs_skipped_steps runs the MindSpore loop again
     return Trainer(load_train_config(args), show_progress=False)
@@ -249,7 +250,7 @@ def test_fp16_lora_compute_stays_close_to_fp32(pair, runs, tiny_model, measured)
     fp16 = MindSporeBackend(BackendOptions(device=DEVICES["mindspore"]))
     fp16.load_model(load_pretrained(tiny_model), "epsilon")
     spec = dataclasses.replace(ms_t.spec, fp16=True)
-    fp16.add_lora(spec, select_targets(spec, fp16.linear_shapes()), weights)
+    fp16.add_lora(spec, select_targets(spec, fp16.layer_shapes()), weights)
     batch = torch_t.micro_batch(5)
     reference, half = probe_for(torch_t.backend).loss(batch), probe_for(fp16).loss(batch)
     assert measured("loss, lora_fp16 vs fp32 torch (relative)", abs(half - reference) / reference, 1e-2) <= 1e-2

@@ -75,7 +75,7 @@ def backends(sd2_folder):
         assert config.prediction_type == "v_prediction"  # read from the folder's scheduler config
         backend.load_model(model, config.prediction_type)
         spec = LoraSpec(rank=2, alpha=4.0, targets={"unet": ("to_q", "to_v", "proj_in"), "text_encoder": ("q_proj",)})
-        shapes = backend.linear_shapes()
+        shapes = backend.layer_shapes()
         targets = select_targets(spec, shapes)
         weights = init_lora_weights(spec, targets, shapes, seed=3)
         for layer in weights.values():  # a non-zero LoRA, so that it takes part in the comparison

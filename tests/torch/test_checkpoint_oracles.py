@@ -167,7 +167,7 @@ def test_training_starts_from_a_kohya_lora(tiny, tmp_path):
         np.testing.assert_allclose(delta(live[key]), delta(layer), rtol=1e-5, atol=1e-8)
     assert any("initialised" in note for note in trainer.notes)
     bad = load_train_config(tiny_args(tmp_path / "bad", "--init_lora_path", str(path), "--lora_rank", "8"))
-    with pytest.raises(ValueError, match="set lora_rank: 4"):
+    with pytest.raises(ValueError, match="set lora_rank / conv_rank: 4"):
         Trainer(bad, show_progress=False)
 
 

@@ -13,7 +13,7 @@ from msd_lora.eval.style import style_distance
 from msd_lora.lora.formats import read_lora, write_lora
 from msd_lora.models.pretrained import load_pretrained
 from msd_lora.train import Trainer
-from tests.conftest import REPO, tiny_args
+from tests.conftest import REPO, interrupt_on_call, tiny_args
 
 
 def make_trainer(tmp_path, *extra: str) -> Trainer:
@@ -59,27 +59,32 @@ def test_saved_lora_round_trips(trained):
     assert len(list((result.output_path / "validation").glob("*.png"))) == 2
 
 
-def test_lora_samples_are_closer_to_the_target_style(trained, tiny_model):
-    """Colour signature (mean R, G, B, saturation) of samples with and without the LoRA vs the training images."""
+def test_lora_restyles_the_samples_and_keeps_their_content(trained, tiny_model):
+    """The demo's LoRA (configs/train/lora_tiny.yaml, `make demo`): samples with it are near the training images'
+    colour style (msd_lora.eval.style: distance <= 45, the base model's is ~75) and keep the prompted shape at 90 % or
+    more of the base model's rate (msd_lora.eval.content), on the demo's prompts and sampling settings."""
     from PIL import Image
 
     from msd_lora.backends.base import BackendOptions
+    from msd_lora.eval.content import content_rate
     from msd_lora.sample import SamplingOptions, generate, load_pipeline, merge_loras
 
     trainer, result, *_ = trained
     reference = [np.asarray(Image.open(p)) for p in trainer.dataset.image_paths]
-    options = SamplingOptions(steps=25, guidance_scale=7.5, height=32, width=32, seed=0)  # the demo's settings
+    options = SamplingOptions(n_samples=4)  # text_to_image.py's defaults, as make demo samples
     prompts = (REPO / "configs/prompts/tiny_sks.txt").read_text().splitlines()
 
-    def distance(with_lora: bool) -> float:
-        pipeline, _ = load_pipeline(tiny_model, None, "torch", BackendOptions(device="cpu"))
+    def sample(with_lora: bool) -> tuple[float, float]:
+        pipeline, _ = load_pipeline(tiny_model, REPO / "configs/model/tiny.yaml", "torch", BackendOptions(device="cpu"))
         if with_lora:
             merge_loras(pipeline.backend, [(read_lora(result.lora_path).weights, 1.0, "trained")])
-        images = [im for i, p in enumerate(prompts) for im in generate(pipeline, p, 4, options, i)]
-        return style_distance(images, reference)
+        images = [im for i, p in enumerate(prompts) for it in range(2) for im in generate(pipeline, p, 4, options, i, it)]
+        return style_distance(images, reference), content_rate(images, [p for p in prompts for _ in range(8)])
 
-    base, lora = distance(False), distance(True)
-    assert lora < 0.75 * base, f"style distance to the training images: base {base:.1f}, with LoRA {lora:.1f}"
+    (base_style, base_content), (lora_style, lora_content) = sample(False), sample(True)
+    assert base_content >= 0.9, f"the base model keeps only {base_content:.0%} of the prompted shapes"
+    assert lora_style <= 45, f"style distance to the training images: base {base_style:.1f}, LoRA {lora_style:.1f}"
+    assert lora_content >= 0.9 * base_content, f"content kept: base {base_content:.0%}, LoRA {lora_content:.0%}"
 
 
 def test_interrupted_and_resumed_run_ends_with_identical_lora(tmp_path):
@@ -88,15 +93,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_lora(tmp_path):
     straight = make_trainer(tmp_path / "straight", *args).run()
 
     crashing = make_trainer(tmp_path / "resumed", *args)
-    real_step, calls = crashing.backend.train_step, []
-
-    def dies_on_step_4(*a, **kw):  # a kill after the step-2 checkpoint, mid-way through the step-4 micro-batches
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real_step(*a, **kw)
-
-    crashing.backend.train_step = dies_on_step_4
+    interrupt_on_call(crashing.backend, 7)  # after the step-2 checkpoint, mid-way through the step-4 micro-batches
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
     resumed = make_trainer(tmp_path / "resumed", *args, "--resume", "True").run()
@@ -133,7 +130,7 @@ def test_text_encoder_lora_trains_and_saves_both_components(tmp_path):
 
 
 def test_rank_larger_than_a_layer_is_an_error(tmp_path):
-    with pytest.raises(LoraSpecError, match=r"lora_rank 65 is larger than unet layer .*to_\w+ \(64x64\)"):
+    with pytest.raises(LoraSpecError, match=r"lora_rank 65 is larger than unet layer .*to_\w+ \(64 out, 64 in channels\)"):
         make_trainer(tmp_path, "--lora_rank", "65")
 
 
@@ -159,8 +156,11 @@ def test_overflowing_gradients_skip_the_update(tmp_path):
     assert log[-1].split(",")[6:8] == ["1", "3"]
 
 
-def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
-    """Our file in diffusers' loader, fused at a scale, gives the weights our numpy merge gives."""
+@pytest.mark.parametrize("variant,scale", [("lora", 0.7), ("dora", 1.0), ("locon", 0.7)])
+def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model, variant, scale):
+    """Our file in diffusers' loader, fused at a scale, gives the weights our numpy merge gives: attention LoRA with
+    alpha; DoRA on the transformer blocks and text attention (at scale 1: peft scales B @ A inside the norm, A1111
+    and we the whole change); rsLoRA LoCon on kohya's C3Lier layers with per-layer ranks and alphas."""
     from diffusers import StableDiffusionPipeline
 
     from msd_lora.backends.base import BackendOptions
@@ -170,20 +170,27 @@ def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, tiny_model):
 
     ours = TorchBackend(BackendOptions(device="cpu"))
     ours.load_model(load_pretrained(tiny_model), "epsilon")
-    spec = LoraSpec(rank=4, alpha=8.0, targets={"unet": ("to_q", "to_k", "to_v", "to_out.0"),
-                                                "text_encoder": ("q_proj", "v_proj")})
-    shapes = ours.linear_shapes()
-    weights = init_lora_weights(spec, select_targets(spec, shapes), shapes, seed=3)
+    spec = {"lora": LoraSpec(rank=4, alpha=8.0, targets={"unet": ("to_q", "to_k", "to_v", "to_out.0"),
+                                                         "text_encoder": ("q_proj", "v_proj")}),
+            "dora": LoraSpec(rank=4, alpha=8.0, dora=True, targets={"unet": ("lierla",), "text_encoder": ("attention",)}),
+            "locon": LoraSpec(rank=4, alpha=4.0, rslora=True, conv_rank=2, conv_alpha=1.0,
+                              targets={"unet": ("c3lier",)})}[variant]
+    shapes = ours.layer_shapes()
+    targets = select_targets(spec, shapes)
+    base = ours.base_weights([f"{c}.{n}.weight" for c, names in targets.items() for n in names])
+    weights = init_lora_weights(spec, targets, shapes, seed=3, base=base)
     rng = np.random.default_rng(0)
     for layer in weights.values():
         layer.up = rng.standard_normal(layer.up.shape).astype(np.float32) * 0.05
+        if layer.magnitude is not None:
+            layer.magnitude = (layer.magnitude * rng.uniform(0.9, 1.1, layer.magnitude.shape)).astype(np.float32)
     path = write_lora(tmp_path / "lora.safetensors", weights)
     original = ours.base_weights()
-    merge_loras(ours, [(read_lora(path).weights, 0.7, str(path))])
+    merge_loras(ours, [(read_lora(path).weights, scale, str(path))])
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), local_files_only=True)
     pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)  # a file: offline-safe
-    pipe.fuse_lora(lora_scale=0.7)
+    pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
     theirs = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
     theirs.update({f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()})

@@ -228,7 +228,8 @@ def test_format_detection():
 @pytest.mark.parametrize("keys,message", [
     ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 768)}, "SDXL LoRA"),
     ({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.hada_w1_a": (4, 8)}, "LoHa"),
-    ({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale": (1, 8)}, "DoRA"),
+    ({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale": (1, 8)},
+     "has no lora_down.weight"),  # a DoRA scale alone
     ({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": (4, 8),
       "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": (8, 4)}, "SDXL LoRA"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "full model checkpoint"),
@@ -330,8 +331,10 @@ def test_init_from_file_keeps_the_update_and_checks_the_fit(tiny, index, tmp_pat
         assert start[key].alpha == 8.0
         np.testing.assert_allclose(delta(start[key]), delta(file_lora[key]), rtol=1e-6, atol=1e-9)
     assert all(start[k] is fresh[k] for k in fresh if k.endswith("to_k"))
-    with pytest.raises(LoraFormatError, match=r"set lora_rank: 4"):
-        start_from_file(path, fresh, LoraSpec(rank=2, alpha=2.0, targets=spec.targets), index)
+    rank_2 = random_lora(tiny, rng, rank=2, alpha=lambda rng: 2.0, leaves=("to_q.weight", "to_k.weight", "to_v.weight"))
+    rank_2 = {k: v for k, v in rank_2.items() if k.startswith("unet.")}
+    with pytest.raises(LoraFormatError, match=r"rank 4, this run trains rank 2 \(set lora_rank / conv_rank: 4\)"):
+        start_from_file(path, rank_2, LoraSpec(rank=2, alpha=2.0, targets=spec.targets), index)
     only_q = {k: v for k, v in fresh.items() if k.endswith("to_q")}
     with pytest.raises(LoraFormatError, match=r"not trained by this run.*\(to_v\)"):
         start_from_file(path, only_q, spec, index)

@@ -35,12 +35,14 @@ class StubBackend(Backend):
         self.weights: dict[str, LoraLayer] = {}
         self.on_step, self.compiles_graphs = on_step, compiles_graphs
         self.decoded = None
+        self.evaluated: list[StepBatch] = []
+        self.lora_enabled = True
 
     def _build_networks(self, model) -> None:
         for network in ("unet", "vae", "text_encoder"):
             model.take_state(network)
 
-    def linear_shapes(self):
+    def layer_shapes(self):
         return LINEARS
 
     def _base_parameters(self):
@@ -52,7 +54,7 @@ class StubBackend(Backend):
     def _write(self, param, value):
         param[...] = value
 
-    def _inject_lora(self, spec, targets):
+    def _inject_lora(self, spec, targets, init):
         self.weights = {f"{c}.{n}": LoraLayer(np.zeros((spec.rank, 8), np.float32), np.zeros((8, spec.rank), np.float32),
                                               spec.alpha) for c, names in targets.items() for n in names}
 
@@ -73,6 +75,16 @@ class StubBackend(Backend):
         if self.on_step:
             self.on_step(len(self.calls))
         return StepResult(loss=1.0, updated=update, overflow=False, grad_norm=0.0 if update else None, loss_scale=1.0)
+
+    def enable_gradient_checkpointing(self):
+        self.checkpointing = True
+
+    def evaluate_loss(self, batch):
+        self.evaluated.append(batch)
+        return 0.5
+
+    def set_lora_enabled(self, enabled):
+        self.lora_enabled = enabled
 
     def training_state(self):
         return {}, {}  # no optimizer: nothing to resume but the weights

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from msd_lora.eval.tiny_world import POSITION_PHRASES, POSITIONS, SHAPES, shape_mask
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -19,21 +21,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "purple": (140, 50, 180),
     "orange": (245, 140, 30),
-}
-SHAPES = ("circle", "square", "triangle")
-POSITIONS = {  # name -> (x, y) centre as a fraction of the image side
-    "center": (0.5, 0.5),
-    "left": (0.28, 0.5),
-    "right": (0.72, 0.5),
-    "top": (0.5, 0.28),
-    "bottom": (0.5, 0.72),
-}
-POSITION_PHRASES = {
-    "center": "in the center",
-    "left": "on the left",
-    "right": "on the right",
-    "top": "at the top",
-    "bottom": "at the bottom",
 }
 STYLE_TOKEN = "sks"
 
@@ -74,23 +61,6 @@ def random_scene(rng: np.random.Generator, striped: bool = False) -> Scene:
     )
 
 
-def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:
-    """Boolean mask of a shape centred at (cx, cy) in pixels, sampled at pixel centres."""
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dx, dy = xs - cx, ys - cy
-    if shape == "circle":
-        return dx * dx + dy * dy <= radius * radius
-    if shape == "square":
-        half = radius * 0.85
-        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if shape == "triangle":  # apex up, base at cy + radius*0.7
-        top, bottom = cy - radius, cy + radius * 0.75
-        inside_rows = (ys >= top) & (ys <= bottom)
-        half_width = (ys - top) / (bottom - top) * radius
-        return inside_rows & (np.abs(dx) <= half_width)
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-
-
 def stripes_mask(size: int, period: int, phase: int = 0) -> np.ndarray:
     """Diagonal stripes: True on the darker half of each period."""
     ys, xs = np.mgrid[0:size, 0:size]
@@ -109,7 +79,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     cx = fx * size + rng.uniform(-jitter, jitter)
     cy = fy * size + rng.uniform(-jitter, jitter)
     radius = size * rng.uniform(0.2, 0.26)
-    img[_shape_mask(scene.shape, size, cx, cy, radius)] = COLOURS[scene.colour]
+    img[shape_mask(scene.shape, size, cx, cy, radius)] = COLOURS[scene.colour]
     return img.round().clip(0, 255).astype(np.uint8)
 
 
@@ -135,7 +105,7 @@ def render_generic(size: int, rng: np.random.Generator) -> np.ndarray:
     for _ in range(int(rng.integers(1, 3))):
         shape = str(rng.choice(SHAPES))
         cx, cy = rng.uniform(0.15, 0.85, 2) * size
-        img[_shape_mask(shape, size, cx, cy, size * rng.uniform(0.1, 0.35))] = rng.integers(0, 256, 3)
+        img[shape_mask(shape, size, cx, cy, size * rng.uniform(0.1, 0.35))] = rng.integers(0, 256, 3)
     return img.astype(np.uint8)
 
 

@@ -8,20 +8,22 @@ from typing import Any
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, mint, nn, ops
+from mindspore import Tensor, nn, ops
 
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, StepResult
 from msd_lora.backends.mindspore import lora as ms_lora
 from msd_lora.backends.mindspore.context import configure_context, import_mindone_quietly
 from msd_lora.backends.mindspore.kernels import apply_dynamic_shape_substitutes
 from msd_lora.backends.mindspore.models import build_networks, load_state, named_parameters
+from msd_lora.backends.mindspore.optim import export_state, import_state
 from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeMoments, FlatLayout, TextStates, TrainStep
 from msd_lora.checkpoint import TrainingState
-from msd_lora.lora.core import DOWN, UP, LoraWeights, to_tensors
+from msd_lora.lora.core import DOWN, MAGNITUDE, UP, LoraWeights, magnitude_from_peft, to_tensors
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
 
 import_mindone_quietly()
+CHECKPOINTED_BLOCKS = {"unet": ("ResnetBlock2D", "BasicTransformerBlock"), "text_encoder": ("CLIPEncoderLayer",)}
 
 
 class _Denoise(nn.Cell):
@@ -59,7 +61,7 @@ class MindSporeBackend(Backend):
                           f"there); on {self.device_target} the UNet uses standard attention", UserWarning,
                           stacklevel=2)
         self.components: dict[str, nn.Cell] = {}
-        self.lora_cells: dict[str, ms_lora.LoraLinear] = {}
+        self.lora_cells: dict[str, ms_lora.LoraCell] = {}
         self.step: TrainStep | None = None
         self.dynamic_shapes = options.dynamic_shapes and self.compiles_graphs
         if self.dynamic_shapes:  # before any graph is compiled: compiled graphs keep the ops they were built with
@@ -92,9 +94,8 @@ class MindSporeBackend(Backend):
                                   self.prediction_type)
         self.step = None  # a train step built before holds the old graph
 
-    def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
-        return {c: {n: tuple(cell.weight.shape) for n, cell in model.cells_and_names()
-                    if isinstance(cell, (mint.nn.Linear, nn.Dense))} for c, model in self.components.items()}
+    def layer_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        return {c: ms_lora.layer_shapes(model) for c, model in self.components.items()}
 
     def _base_parameters(self) -> dict[str, ms.Parameter]:
         return {f"{c}.{n}": p for c, model in self.components.items() for n, p in named_parameters(c, model).items()}
@@ -106,9 +107,10 @@ class MindSporeBackend(Backend):
         param.set_data(Tensor(value))
 
     # --- LoRA --------------------------------------------------------------------------------
-    def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]]) -> None:
+    def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
         for component, names in targets.items():
-            self.lora_cells.update(ms_lora.inject(self.components[component], component, names, spec))
+            layers = {n: init[f"{component}.{n}"] for n in names}
+            self.lora_cells.update(ms_lora.inject(self.components[component], component, layers, spec, sorted(init)))
         for _, param in self.lora_items():
             param.requires_grad = True
         self._build_graphs()
@@ -118,15 +120,17 @@ class MindSporeBackend(Backend):
 
     def lora_items(self) -> list[tuple[str, ms.Parameter]]:
         """(canonical tensor key, parameter): MindSpore may rename parameters, our keys stay."""
-        return [item for key, cell in self.lora_cells.items()
-                for item in ((f"{key}.{DOWN}", cell.down), (f"{key}.{UP}", cell.up))]
+        return [(f"{key}.{part}", param) for key, cell in self.lora_cells.items()
+                for part, param in ms_lora.lora_parts(cell)]
 
     def lora_weights(self, ema: bool = False) -> LoraWeights:
-        weights = ms_lora.read_weights(self.lora_cells, self.alpha)
+        weights = ms_lora.read_weights(self.lora_cells, self.alphas)
         if ema and self.step is not None and self.step.use_ema:
             averages = self.step.layout.split(self.step.ema.asnumpy())
             for key, layer in weights.items():
                 layer.down, layer.up = averages[f"{key}.{DOWN}"], averages[f"{key}.{UP}"]
+                if layer.magnitude is not None:
+                    layer.magnitude = magnitude_from_peft(averages[f"{key}.{MAGNITUDE}"], layer.down)
         return weights
 
     def _write_lora_weights(self, weights: LoraWeights) -> None:
@@ -134,6 +138,7 @@ class MindSporeBackend(Backend):
 
     # --- training ----------------------------------------------------------------------------
     def configure_training(self, settings: OptimizerSettings) -> None:
+        self.settings = settings
         items = self.lora_items()
         layout = FlatLayout(names=tuple(k for k, _ in items), shapes=tuple(tuple(p.shape) for _, p in items))
         self.step = TrainStep(self.loss, [p for _, p in items], layout, settings)
@@ -142,28 +147,53 @@ class MindSporeBackend(Backend):
         """The train step's (and the loss's) tensor inputs, in DiffusionLoss's order."""
         self.check_batch(batch)
         text = batch.token_ids if self.trains_text_encoder else batch.context
+        input_noise, weights, thresholds, squared = batch.loss_terms()
         return (Tensor(batch.latent_mean), Tensor(batch.latent_std), Tensor(batch.posterior_noise), Tensor(text),
-                Tensor(batch.noise), Tensor(batch.timesteps), Tensor(batch.sqrt_alpha.reshape(-1, 1, 1, 1)),
-                Tensor(batch.sqrt_one_minus_alpha.reshape(-1, 1, 1, 1)))
+                Tensor(batch.noise), Tensor(input_noise), Tensor(batch.timesteps),
+                Tensor(batch.sqrt_alpha.reshape(-1, 1, 1, 1)), Tensor(batch.sqrt_one_minus_alpha.reshape(-1, 1, 1, 1)),
+                Tensor(weights), Tensor(thresholds), Tensor(squared))
 
     def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
         args = (Tensor(1.0 / accumulation, ms.float32), Tensor(lr, ms.float32), Tensor(update, ms.bool_),
                 *self.step_inputs(batch))
-        self._declare_dynamic(self.step, args, spatial=(3, 4, 5, 7))  # mean, std, posterior noise, noise
-        loss, finite, norm, scale = self.step(*args)
+        self._declare_dynamic(self.step, args, spatial=(3, 4, 5, 7, 8))  # mean, std, posterior noise, both noises
+        self._set_dropout_seed(batch.dropout_seed)
+        try:
+            loss, finite, norm, scale = self.step(*args)
+        finally:
+            self._set_dropout_seed(0)
         finite = bool(finite.asnumpy())
         return StepResult(loss=float(loss.asnumpy()), updated=update and finite, overflow=update and not finite,
                           grad_norm=float(norm.asnumpy()) if update else None, loss_scale=float(scale.asnumpy()))
 
+    def enable_gradient_checkpointing(self) -> None:
+        """`Cell.recompute()` on every UNet ResNet and transformer block and text-encoder layer (mindone's own
+        `enable_gradient_checkpointing` looks for a `recompute_` that MindSpore 2.10 cells lack)."""
+        for component, blocks in CHECKPOINTED_BLOCKS.items():
+            for _, cell in self.components[component].cells_and_names():
+                if type(cell).__name__ in blocks:
+                    cell.recompute()
+
+    def evaluate_loss(self, batch: StepBatch) -> float:
+        inputs = self.step_inputs(batch)
+        self._declare_dynamic(self.loss, inputs, spatial=(0, 1, 2, 4, 5))  # mean, std, posterior noise, both noises
+        return float(self.loss(*inputs).asnumpy())
+
+    def _set_dropout_seed(self, seed: int) -> None:
+        for cell in self.lora_cells.values():
+            if cell.dropout_seed is not None:
+                cell.dropout_seed.set_data(Tensor(seed, ms.int64))
+
+    def set_lora_enabled(self, enabled: bool) -> None:
+        for cell in self.lora_cells.values():
+            cell.enabled.set_data(Tensor(1.0 if enabled else 0.0, ms.float32))
+
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         step, layout = self.step, self.step.layout
-        arrays = {}
-        for prefix, flat in (("optimizer.exp_avg", step.optimizer.exp_avg), ("optimizer.exp_avg_sq",
-                                                                             step.optimizer.exp_avg_sq)):
-            arrays.update({f"{prefix}.{k}": v for k, v in layout.split(flat.asnumpy()).items()})
+        arrays, scalars = export_state(step.optimizer, self.settings.optimizer, layout.names, layout.shapes,
+                                       layout.split)
         if step.use_ema:
             arrays.update({f"ema.{k}": v for k, v in layout.split(step.ema.asnumpy()).items()})
-        scalars = {"optimizer_step": int(step.optimizer.step.asnumpy())}
         if bool(step.dynamic.asnumpy()):
             scalars.update(loss_scale=float(step.loss_scale.asnumpy()),
                            scaler_growth_tracker=int(step.good_steps.asnumpy()))
@@ -171,10 +201,8 @@ class MindSporeBackend(Backend):
 
     def _restore_training_state(self, state: TrainingState) -> None:
         step, layout = self.step, self.step.layout
-        moments = (state.exp_avg, state.exp_avg_sq) if state.exp_avg is not None else (None, None)
-        for param, values in zip((step.optimizer.exp_avg, step.optimizer.exp_avg_sq), moments):
-            param.set_data(Tensor(layout.join(values) if values is not None else np.zeros(layout.total, np.float32)))
-        step.optimizer.step.set_data(Tensor(float(state.optimizer_step), ms.float32))
+        import_state(step.optimizer, self.settings.optimizer, layout.names, layout.shapes, layout.join, state,
+                     layout.join(to_tensors(self.lora_weights())))
         if step.use_ema:
             step.ema.set_data(Tensor(layout.join(state.ema if state.ema is not None else to_tensors(self.lora_weights()))))
         if bool(step.dynamic.asnumpy()) and state.loss_scale is not None:
@@ -219,9 +247,14 @@ class MindSporeBackend(Backend):
 
     def save_native_lora(self, path: str, weights: LoraWeights, module_index: Any) -> str:
         """mindone's LoRA checkpoint (`ms.save_checkpoint`, `lora_rank` appended), written atomically."""
+        from msd_lora.errors import LoraFormatError
         from msd_lora.lora.format_mindone import write_mindone
 
-        tensors = write_mindone(weights, module_index)
+        try:
+            tensors = write_mindone(weights, module_index)
+        except LoraFormatError as err:  # a DoRA or LoCon: the safetensors files hold it
+            warnings.warn(f"not saved in mindone's format: {err}", UserWarning, stacklevel=2)
+            return None
         rank = int(tensors.pop("lora_rank"))
         params = [{"name": name, "data": Tensor(np.ascontiguousarray(value, np.float32))}
                   for name, value in tensors.items()]

@@ -233,6 +233,11 @@ def warn_on_unverified_versions() -> None:
                       "tests/mindspore/test_kernels.py still passes", UserWarning, stacklevel=3)
 
 
+def cpu_substitutes_applied() -> bool:
+    """True once `apply_cpu_kernel_substitutes` has rebound ops (the CPU target)."""
+    return bool(_applied)
+
+
 def apply_cpu_kernel_substitutes() -> list[str]:
     """Rebind the ops MindSpore lacks on the current device target; idempotent. Returns the names substituted."""
     if _applied or not needs_substitutes(ms.get_context("device_target")):

@@ -10,7 +10,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
-from msd_lora.lora.core import DOWN, UP
+from msd_lora.lora.core import DOWN, MAGNITUDE, UP
 from msd_lora.models.state_check import check_state_fits
 
 
@@ -41,9 +41,9 @@ def diffusers_name(component: str, ms_name: str) -> str:
 
 def named_parameters(component: str, network: nn.Cell) -> dict[str, ms.Parameter]:
     """diffusers name -> parameter, for the network's own (non-LoRA) parameters; a LoRA cell's `.base.` is hidden
-    (its own weights carry their canonical key as name, `<key>.lora_A.weight`)."""
+    (its own parameters carry their canonical key as name: `<key>.lora_A.weight`, `<key>.lora_enabled`, ...)."""
     return {diffusers_name(component, n.replace(".base.", ".")): p for n, p in network.parameters_and_names()
-            if not p.name.endswith((f".{DOWN}", f".{UP}"))}
+            if not p.name.endswith((f".{DOWN}", f".{UP}", f".{MAGNITUDE}", ".lora_enabled", ".lora_dropout_seed"))}
 
 
 def load_state(component: str, network: nn.Cell, state: dict[str, np.ndarray], source: str) -> None:

@@ -18,8 +18,10 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, amp, mint, nn, ops
 
 from msd_lora.backends.base import OptimizerSettings
-from msd_lora.backends.mindspore.optim import FlatAdamW
+from msd_lora.backends.mindspore.optim import FlatAdafactor, FlatAdamW, FlatProdigy
+from msd_lora.diffusion.losses import weighted_loss
 from msd_lora.diffusion.schedule import add_noise, training_target
+from msd_lora.optimizers import ADAFACTOR_CLIP_THRESHOLD, ADAFACTOR_DECAY_RATE, ADAFACTOR_EPS, PRODIGY_D0
 from msd_lora.tokenizer import join_chunks
 
 
@@ -79,9 +81,10 @@ class TextStates(nn.Cell):
 
 
 class DiffusionLoss(nn.Cell):
-    """MSE between the UNet's prediction and the eps / v target. Latents are sampled from the VAE posterior given
-    as (mean, std); `text` is token ids run through the text encoder in the graph when it trains
-    (`text_states` given), else the frozen encoder's output."""
+    """The weighted loss (`losses.weighted_loss`) between the UNet's prediction and the eps / v target. Latents are
+    sampled from the VAE posterior given as (mean, std); `text` is token ids run through the text encoder in the
+    graph when it trains (`text_states` given), else the frozen encoder's output; the UNet's input is made with
+    `input_noise`, the target with `noise`."""
 
     def __init__(self, unet: nn.Cell, text_states: TextStates | None, scaling_factor: float, prediction_type: str):
         super().__init__(auto_prefix=False)
@@ -89,13 +92,26 @@ class DiffusionLoss(nn.Cell):
         self.encode_text = text_states is not None
         self.scaling_factor = scaling_factor
 
-    def construct(self, mean, std, posterior_noise, text, noise, timesteps, sqrt_alpha, sqrt_one_minus):
+    def construct(self, mean, std, posterior_noise, text, noise, input_noise, timesteps, sqrt_alpha, sqrt_one_minus,
+                  weights, thresholds, squared):
         latents = (mean + std * posterior_noise) * self.scaling_factor
         context = self.text_states(text) if self.encode_text else text
-        noisy = add_noise(latents, noise, sqrt_alpha, sqrt_one_minus)
+        noisy = add_noise(latents, input_noise, sqrt_alpha, sqrt_one_minus)
         pred = self.unet(noisy, timesteps, context)[0].astype(ms.float32)
         target = training_target(latents, noise, sqrt_alpha, sqrt_one_minus, self.prediction_type)
-        return ((pred - target) ** 2).mean()
+        return weighted_loss(pred, target, weights, thresholds, squared)
+
+
+def flat_optimizer(settings: OptimizerSettings, layout: FlatLayout, initial: np.ndarray) -> nn.Cell:
+    """The flat optimizer cell of `settings.optimizer` over the LoRA weights (`initial`: their starting values)."""
+    if settings.optimizer == "prodigy":
+        return FlatProdigy(layout.total, settings.betas, settings.eps, settings.weight_decay, PRODIGY_D0,
+                           settings.d_coef, settings.use_bias_correction, settings.safeguard_warmup,
+                           initial.astype(np.float32))
+    if settings.optimizer == "adafactor":
+        return FlatAdafactor(layout.shapes, settings.weight_decay, ADAFACTOR_EPS[0], ADAFACTOR_DECAY_RATE,
+                             ADAFACTOR_CLIP_THRESHOLD)
+    return FlatAdamW(layout.total, settings.betas, settings.eps, settings.weight_decay)
 
 
 class TrainStep(nn.Cell):
@@ -113,7 +129,10 @@ class TrainStep(nn.Cell):
         self.weights = ParameterTuple(lora_params)
         ends = np.cumsum(layout.sizes)
         self.starts, self.ends = tuple(int(e - n) for e, n in zip(ends, layout.sizes)), tuple(int(e) for e in ends)
-        self.optimizer = FlatAdamW(layout.total, settings.betas, settings.eps, settings.weight_decay)
+        self.optimizer = flat_optimizer(settings, layout, np.concatenate([p.asnumpy().reshape(-1) for p in lora_params]))
+        scales = np.concatenate([np.full(size, settings.lr_scale(name), np.float32)
+                                 for name, size in zip(layout.names, layout.sizes)])
+        self.lr_scales = Tensor(scales) if (scales != 1.0).any() else None  # per-part learning rates
         self.accum = Parameter(Tensor(np.zeros(layout.total, np.float32)), name="accum", requires_grad=False)
         self.use_ema = settings.use_ema
         initial = np.concatenate([p.asnumpy().reshape(-1) for p in lora_params]) if settings.use_ema else np.zeros(1)
@@ -144,6 +163,8 @@ class TrainStep(nn.Cell):
         norm = ops.sqrt((grads * grads).sum())
         if self.clip_grad:
             grads = grads * ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
+        if self.lr_scales is not None:
+            lr = lr * self.lr_scales
         params = self.optimizer(flatten(self.weights), grads, lr, apply)
         if self.use_ema:
             ops.assign(self.ema, ops.select(apply, self.ema + (1.0 - self.ema_decay) * (params - self.ema), self.ema))

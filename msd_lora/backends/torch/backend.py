@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, StepResult
 from msd_lora.backends.torch import lora as torch_lora
 from msd_lora.backends.torch.networks import build_network, resolve_device
+from msd_lora.backends.torch.optim import make_optimizer, optimizer_state, restore_optimizer_state
 from msd_lora.checkpoint import TrainingState
+from msd_lora.diffusion.losses import weighted_loss
 from msd_lora.diffusion.schedule import add_noise, training_target
 from msd_lora.lora.core import LoraWeights
 from msd_lora.lora.spec import LoraSpec
@@ -39,6 +41,7 @@ class TorchBackend(Backend):
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.ema: list[torch.Tensor] | None = None
+        self.dropout = SimpleNamespace(seed=0)  # the LoRA dropout masks' seed during a train step; 0: off
 
     # --- model -------------------------------------------------------------------------------
     def _build_networks(self, model: PretrainedModel) -> None:
@@ -55,15 +58,15 @@ class TorchBackend(Backend):
         self.unet, self.vae, self.text_encoder = networks["unet"], networks["vae"], networks["text_encoder"]
         self.components = {"unet": self.unet, "text_encoder": self.text_encoder}
 
-    def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
-        return {c: {n: (m.out_features, m.in_features) for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear)} for c, model in self.components.items()}
+    def layer_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        return {c: {n: tuple(m.weight.shape) for n, m in model.named_modules()
+                    if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))} for c, model in self.components.items()}
 
     def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = {}
         for component, model in self.components.items():
             for name, param in model.named_parameters():
-                if ".lora_A." not in name and ".lora_B." not in name:  # peft's names for down / up
+                if not torch_lora.is_lora_parameter(name):  # peft's down / up / DoRA magnitude
                     params[f"{component}.{name.replace('.base_layer.', '.')}"] = param
         return params
 
@@ -75,13 +78,15 @@ class TorchBackend(Backend):
             param.copy_(torch.from_numpy(value))
 
     # --- LoRA --------------------------------------------------------------------------------
-    def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]]) -> None:
+    def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
         if spec.fp16:
             warnings.warn("lora_fp16 applies to the MindSpore backend; on torch, mixed_precision: fp16 (CUDA) sets "
                           "the compute dtype of the whole step", UserWarning, stacklevel=3)
         for component, names in targets.items():
-            torch_lora.inject(self.components[component], spec, names)
+            torch_lora.inject(self.components[component], spec, {n: init[f"{component}.{n}"] for n in names})
             self.lora_params.update(torch_lora.lora_parameters(self.components[component], component))
+            if spec.dropout or spec.network_dropout:
+                torch_lora.add_dropout(self.components[component], component, spec, sorted(init), self.dropout)
         for model in self.components.values():
             model.requires_grad_(False)
         for param in self.lora_params.values():
@@ -92,8 +97,8 @@ class TorchBackend(Backend):
 
     def lora_weights(self, ema: bool = False) -> LoraWeights:
         if ema and self.ema is not None:
-            return torch_lora.read_weights(dict(zip(self.lora_params, self.ema)), self.alpha)
-        return torch_lora.read_weights(self.lora_params, self.alpha)
+            return torch_lora.read_weights(dict(zip(self.lora_params, self.ema)), self.alphas)
+        return torch_lora.read_weights(self.lora_params, self.alphas)
 
     def _write_lora_weights(self, weights: LoraWeights) -> None:
         torch_lora.write_weights(self.lora_params, weights)
@@ -102,8 +107,10 @@ class TorchBackend(Backend):
     def configure_training(self, settings: OptimizerSettings) -> None:
         self.settings = settings
         params = list(self.lora_params.values())
-        self.optimizer = torch.optim.AdamW(params, lr=0.0, betas=settings.betas, eps=settings.eps,
-                                           weight_decay=settings.weight_decay)
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for key, param in self.lora_params.items():
+            groups.setdefault(settings.lr_scale(key), []).append(param)
+        self.optimizer = make_optimizer([{"params": p, "lr_scale": scale} for scale, p in groups.items()], settings)
         if self.autocast_dtype == torch.float16 and settings.loss_scaler_type != "none":
             self.scaler = make_scaler(settings, self.device.type)
         self.ema = [p.detach().clone() for p in params] if settings.use_ema else None
@@ -112,9 +119,12 @@ class TorchBackend(Backend):
         self.check_batch(batch)
         to = self.tensor
         text = batch.token_ids if self.trains_text_encoder else batch.context
+        input_noise, weights, thresholds, squared = batch.loss_terms()
         return {"mean": to(batch.latent_mean), "std": to(batch.latent_std), "text": to(text),
-                "posterior_noise": to(batch.posterior_noise), "noise": to(batch.noise), "t": to(batch.timesteps),
-                "a": to(batch.sqrt_alpha).view(-1, 1, 1, 1), "s": to(batch.sqrt_one_minus_alpha).view(-1, 1, 1, 1)}
+                "posterior_noise": to(batch.posterior_noise), "noise": to(batch.noise),
+                "input_noise": to(input_noise), "t": to(batch.timesteps),
+                "a": to(batch.sqrt_alpha).view(-1, 1, 1, 1), "s": to(batch.sqrt_one_minus_alpha).view(-1, 1, 1, 1),
+                "weights": to(weights), "thresholds": to(thresholds), "squared": to(squared)}
 
     @torch.no_grad()
     def encode_moments(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,15 +143,19 @@ class TorchBackend(Backend):
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             context = self._text_states(b["text"]) if self.trains_text_encoder else b["text"]
-            noisy = add_noise(latents, b["noise"], b["a"], b["s"])
+            noisy = add_noise(latents, b["input_noise"], b["a"], b["s"])
             pred = self.unet(noisy, b["t"], context).sample
         target = training_target(latents, b["noise"], b["a"], b["s"], self.prediction_type)
-        return F.mse_loss(pred.float(), target.float())
+        return weighted_loss(pred.float(), target.float(), b["weights"], b["thresholds"], b["squared"])
 
     def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
-        loss = self.loss(self.tensor_batch(batch))
-        scaled = loss / accumulation
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        self.dropout.seed = batch.dropout_seed
+        try:
+            loss = self.loss(self.tensor_batch(batch))
+            scaled = loss / accumulation
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        finally:
+            self.dropout.seed = 0
         scale = float(self.scaler.get_scale()) if self.scaler else 1.0
         if not update:
             return StepResult(loss=loss.item(), updated=False, overflow=False, grad_norm=None, loss_scale=scale)
@@ -150,7 +164,7 @@ class TorchBackend(Backend):
     def _apply_update(self, loss: float, lr: float, scale: float) -> StepResult:
         params = list(self.lora_params.values())
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         limit = self.settings.max_grad_norm if self.settings.clip_grad else float("inf")
@@ -168,29 +182,35 @@ class TorchBackend(Backend):
                 torch._foreach_lerp_(self.ema, [p.detach() for p in params], 1.0 - self.settings.ema_decay)
         return StepResult(loss=loss, updated=finite, overflow=not finite, grad_norm=float(norm), loss_scale=scale)
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()  # diffusers: per ResNet and transformer block, when grads are on
+        self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in self.text_encoder.text_model.encoder.layers:
+            layer.train()  # transformers checkpoints a layer only in training mode; CLIP's dropout rates are 0
+
+    def evaluate_loss(self, batch: StepBatch) -> float:
+        with torch.no_grad():
+            return self.loss(self.tensor_batch(batch)).item()
+
+    def set_lora_enabled(self, enabled: bool) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for model in self.components.values():
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.enable_adapters(enabled)
+
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays, step = {}, 0
-        for key, param in self.lora_params.items():
-            state = self.optimizer.state.get(param, {})
-            if state:
-                step = int(state["step"])
-                arrays[f"optimizer.exp_avg.{key}"] = state["exp_avg"].float().cpu().numpy()
-                arrays[f"optimizer.exp_avg_sq.{key}"] = state["exp_avg_sq"].float().cpu().numpy()
+        arrays, scalars = optimizer_state(self.optimizer, self.lora_params, self.settings.optimizer)
         if self.ema is not None:
             arrays.update({f"ema.{k}": e.float().cpu().numpy() for k, e in zip(self.lora_params, self.ema)})
-        scalars = {"optimizer_step": step}
         if self.scaler and self.settings.loss_scaler_type == "dynamic":
             scalars.update(loss_scale=float(self.scaler.get_scale()),
                            scaler_growth_tracker=int(self.scaler.state_dict()["_growth_tracker"]))
         return arrays, scalars
 
     def _restore_training_state(self, state: TrainingState) -> None:
-        self.optimizer.state.clear()
-        if state.exp_avg is not None:
-            for key, param in self.lora_params.items():
-                self.optimizer.state[param] = {"step": torch.tensor(float(state.optimizer_step)),
-                                               "exp_avg": self.tensor(state.exp_avg[key]),
-                                               "exp_avg_sq": self.tensor(state.exp_avg_sq[key])}
+        restore_optimizer_state(self.optimizer, self.lora_params, self.settings.optimizer, state, self.tensor)
         if self.ema is not None:
             self.ema = [self.tensor(state.ema[k]) if state.ema is not None else p.detach().clone()
                         for k, p in self.lora_params.items()]

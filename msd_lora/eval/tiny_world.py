@@ -1,0 +1,42 @@
+"""The geometry of the embedded tiny model's world: which shapes exist, where they sit, how they are drawn.
+
+`tools/tiny_model/synthetic.py` renders the tiny model's training images with these definitions, and
+`msd_lora.eval.content` recognises them in samples, so both read one source.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {  # name -> (x, y) centre as a fraction of the image side
+    "center": (0.5, 0.5),
+    "left": (0.28, 0.5),
+    "right": (0.72, 0.5),
+    "top": (0.5, 0.28),
+    "bottom": (0.5, 0.72),
+}
+POSITION_PHRASES = {
+    "center": "in the center",
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+}
+
+
+def shape_mask(shape: str, size: int, cx, cy, radius) -> np.ndarray:
+    """Boolean mask of a shape centred at (cx, cy) in pixels, sampled at pixel centres. `cx`, `cy`, `radius` may be
+    arrays of one shape (N, 1, 1): then N masks (N, size, size)."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = xs - cx, ys - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= radius * radius
+    if shape == "square":
+        half = radius * 0.85
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "triangle":  # apex up, base at cy + radius*0.75
+        top, bottom = cy - radius, cy + radius * 0.75
+        inside_rows = (ys >= top) & (ys <= bottom)
+        half_width = (ys - top) / (bottom - top) * radius
+        return inside_rows & (np.abs(dx) <= half_width)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")

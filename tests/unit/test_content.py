@@ -1,0 +1,54 @@
+"""The content measure recognises the tiny world's shapes and positions in rendered pictures, restyled or not, and
+recognises nothing in pictures without them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from msd_lora.eval.content import content_rate, keeps_content, parse_prompt, recognise
+from msd_lora.eval.tiny_world import POSITIONS, SHAPES
+from tools.tiny_model.synthetic import COLOURS, Scene, render, sepia
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("position", list(POSITIONS))
+def test_rendered_shapes_are_recognised_where_they_are(shape, position):
+    rng = np.random.default_rng(hash((shape, position)) % 2**32)
+    for colour, background in (("red", "blue"), ("white", "black"), ("yellow", "green")):
+        scene = Scene(colour=colour, shape=shape, background=background, position=position, mention_position=True)
+        found = recognise(render(scene, 32, rng))
+        assert (found.shape, found.position) == (shape, position) and found.iou > 0.8
+        assert keeps_content(render(scene, 32, rng), scene.caption + " in sks style")
+
+
+def test_most_sepia_pictures_keep_their_content():
+    """Sepia maps colour to brightness, so some pairs (red on blue) keep little contrast; the measure is colour-blind:
+    it finds 90 % of these 120 (every pair of colours), against 100 % of the coloured ones."""
+    rng = np.random.default_rng(0)
+    names = list(COLOURS)
+    scenes = [Scene(names[i % 8], SHAPES[i % 3], names[(i + 1 + i // 8) % 8], list(POSITIONS)[i % 5], True)
+              for i in range(120)]
+    images = [sepia(render(scene, 32, rng)) for scene in scenes]
+    assert content_rate(images, [scene.caption for scene in scenes]) >= 0.85
+
+
+def test_pictures_without_the_prompted_shape_do_not_count():
+    rng = np.random.default_rng(1)
+    flat = np.full((32, 32, 3), 120, np.uint8)
+    noise = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    ring = render(Scene("red", "circle", "blue", "center", False), 32, rng)
+    ring[12:20, 12:20] = (40, 70, 220)  # a hole: no longer a filled circle
+    square = render(Scene("red", "square", "blue", "left", True), 32, rng)
+    assert recognise(flat) is None
+    assert not keeps_content(noise, "a red circle on a blue background")
+    assert not keeps_content(square, "a red circle on a blue background")  # another shape
+    assert not keeps_content(square, "a red square on the right on a blue background")  # another place
+    assert recognise(ring).iou < recognise(render(Scene("red", "circle", "blue", "center", False), 32, rng)).iou
+
+
+def test_prompts_are_parsed_for_shape_and_position():
+    assert parse_prompt("a red circle on a blue background in sks style").shape == "circle"
+    assert parse_prompt("a yellow triangle at the top on a blue background").position == "top"
+    assert parse_prompt("a photo of a dog") is None
+    with pytest.raises(ValueError, match="names none of the tiny world's shapes"):
+        keeps_content(np.zeros((32, 32, 3), np.uint8), "a photo of a dog")
