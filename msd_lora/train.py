@@ -32,7 +32,6 @@ from msd_lora.files.atomic import atomic_write_text
 from msd_lora.held_out import ValidationLoss
 from msd_lora.lora.formats import lora_file_path, write_lora
 from msd_lora.lora.init_from import start_from_file
-from msd_lora.lora.merge import base_name
 from msd_lora.lora.module_index import ModuleIndex
 from msd_lora.lora.spec import LoraSpec, init_lora_weights, select_targets
 from msd_lora.loss_plot import plot_losses
@@ -40,9 +39,10 @@ from msd_lora.lr_schedule import learning_rate
 from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import load_model
 from msd_lora.output_folder import OutputFolder
-from msd_lora.sample import Pipeline, SamplingOptions, generate, image_grid, merge_loras, read_lora_files, save_png
+from msd_lora.sample import Pipeline, SamplingOptions, generate, image_grid, save_png
 from msd_lora.train_inputs import RunData
 from msd_lora.train_log import TrainLog
+from msd_lora.train_samples import sample_from_file, validation_options
 
 RUN_OUTPUTS = ("lora.safetensors", "lora_mindone.ckpt", "train_config.yaml", "train_log.csv", "ckpt", "validation",
                "tensorboard", "buckets.json", "samples", "loss.png")
@@ -325,39 +325,20 @@ class Trainer:
         raise TrainingInterrupted(text)
 
     def validation_options(self) -> SamplingOptions:
-        cfg = self.cfg
-        return SamplingOptions(sampler=cfg.validation_sampler, steps=cfg.validation_steps,
-                               guidance_scale=cfg.validation_guidance_scale,
-                               negative_prompt=cfg.validation_negative_prompt, height=cfg.image_size,
-                               width=cfg.image_size, seed=cfg.seed if cfg.validation_seed is None else cfg.validation_seed,
-                               n_samples=cfg.validation_images, max_token_length=cfg.max_token_length)
+        return validation_options(self.cfg)
 
     def validation_prompts(self) -> list[str]:
         return list(self.cfg.validation_prompts) or list(dict.fromkeys(self.dataset.captions))[:2]
 
     def sample_during_training(self, step: int) -> Path:
-        """The validation prompts sampled from the LoRA file of `step` merged into the base weights, exactly as
-        `text_to_image.py --lora_ckpt_path <that file>` samples them (its grid-PPP.png): the live LoRA layers are
-        switched off meanwhile and the base weights restored after."""
+        """The validation prompts sampled from the LoRA file of `step` (saved now if the step saved none), as
+        `text_to_image.py --lora_ckpt_path <that file>` samples them, into samples/step-NNNNNN/."""
         path = self.output / "ckpt" / f"lora-{step:06d}.safetensors"
         if not path.exists():
             self.save_lora(path, step)
-        loras = read_lora_files([(str(path), 1.0)], self.module_index)
-        names = sorted({base_name(key) for key in loras[0][0]})
-        saved = self.backend.base_weights(names)
         folder = self.output / "samples" / f"step-{step:06d}"
-        options = self.validation_options()
-        merge_loras(self.backend, loras)
-        self.backend.set_lora_enabled(False)
-        try:
-            prompts = self.validation_prompts()
-            for i, prompt in enumerate(prompts):
-                images = generate(self.pipeline, prompt, options.n_samples, options, i)
-                save_png(folder / f"prompt{i:02d}.png", image_grid(images, columns=options.n_samples))
-            atomic_write_text(folder / "prompts.txt", "\n".join(prompts) + "\n")
-        finally:
-            self.backend.set_base_weights(saved)
-            self.backend.set_lora_enabled(True)
+        sample_from_file(self.pipeline, self.module_index, path, self.validation_prompts(), self.validation_options(),
+                         folder)
         return folder
 
     def write_validation_samples(self) -> list[Path]:

@@ -68,7 +68,6 @@ def trainer(tmp_path, backend: str) -> Trainer:
     args = tiny_args(tmp_path / backend, "--backend", backend, "--device", DEVICES[backend],
                      "--max_train_steps", str(STEPS), "--warmup_steps", "2",
                      "--lora_ft_text_encoder", "True", "--use_ema", "True", "--ema_decay", "0.9",
-                     "--unet_lr", "4e-3", "--text_encoder_lr", "1e-3",  # per-part learning rates
                      "--scale_window", "3", "--validation_prompts", PROMPT, "--validation_steps", "5",
                      "--overwrite", "True")  # test_loop_counts_and_logs_skipped_steps runs the MindSpore loop again
     return Trainer(load_train_config(args), show_progress=False)

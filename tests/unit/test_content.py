@@ -52,3 +52,27 @@ def test_prompts_are_parsed_for_shape_and_position():
     assert parse_prompt("a photo of a dog") is None
     with pytest.raises(ValueError, match="names none of the tiny world's shapes"):
         keeps_content(np.zeros((32, 32, 3), np.uint8), "a photo of a dog")
+
+
+def test_compare_samples_reports_content_beside_style(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from tools.compare_samples import main
+
+    rng = np.random.default_rng(2)
+    folder, reference = tmp_path / "samples", tmp_path / "reference"
+    (folder / "samples").mkdir(parents=True)
+    reference.mkdir()
+    scenes = [Scene("red", "circle", "blue", "left", True), Scene("white", "square", "black", "top", True)]
+    lines = []
+    for i, scene in enumerate(scenes):
+        Image.fromarray(render(scene, 32, rng)).save(folder / "samples" / f"{i:05d}.png")
+        Image.fromarray(sepia(render(scene, 32, rng))).save(reference / f"{i}.png")
+        lines.append(json.dumps({"file": f"samples/{i:05d}.png", "prompt": scene.caption}))
+    (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["--reference", str(reference), "--samples", str(folder)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[-2:] == ["content", "kept"]
+    assert rows[1].endswith("-") and rows[2].endswith("100%")  # the reference has no prompts; both samples keep theirs

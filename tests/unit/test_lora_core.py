@@ -37,7 +37,7 @@ def test_select_targets_and_errors():
     with pytest.raises(LoraSpecError, match=r"lora_rank 40 is larger than .*to_q \(64 out, 32 in channels\)"):
         select_targets(spec(rank=40), SHAPES)
     bad = LoraSpec(rank=4, alpha=4, targets={"unet": ("query",)})
-    with pytest.raises(LoraSpecError, match=r"no unet linear layer matches targets \['query'\].*to_q"):
+    with pytest.raises(LoraSpecError, match=r"no unet linear or convolution layer matches targets \['query'\].*to_q"):
         select_targets(bad, SHAPES)
 
 
