@@ -86,7 +86,9 @@ def check_option(pair: list[Trainer], name: str, options: LossOptions, measured)
 
 @pytest.fixture(scope="module")
 def epsilon_pair(tmp_path_factory):
-    return make_pair(tmp_path_factory.mktemp("methods_eps"), "--validation_split", "0.2")
+    """Attention LoRA with gradient checkpointing on both (MindSpore: recompute), 20 % of the images held out."""
+    return make_pair(tmp_path_factory.mktemp("methods_eps"), "--validation_split", "0.2",
+                     "--gradient_checkpointing", "True")
 
 
 @pytest.fixture(scope="module")
