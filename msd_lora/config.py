@@ -47,6 +47,8 @@ class TrainConfig:
                                   "ascend")
     mixed_precision: str = setting("no", "torch autocast on CUDA", choices=("no", "fp16", "bf16"))
     enable_flash_attention: bool = setting(False, "MindSpore on Ascend: flash attention in the UNet (fp16 kernel)")
+    gradient_checkpointing: bool = setting(False, "recompute each UNet block (and text-encoder layer) in the backward "
+                                                  "pass: less memory, about a third more time per step")
     seed: int = setting(3407, "seed for LoRA init, data order, noise and timesteps", low=0)
     use_parallel: bool = setting(False, "data-parallel training (not available yet; must stay False)")
     # model and paths
@@ -125,8 +127,6 @@ class TrainConfig:
                                              low_open=True, high=1.0)
     input_perturbation: float = setting(0.0, "extra noise on the UNet's input only (0.1 usual; kohya: "
                                              "ip_noise_gamma; 0 = off)", low=0.0, high=1.0)
-    gradient_checkpointing: bool = setting(False, "recompute each UNet block (and text-encoder layer) in the backward "
-                                                  "pass: less memory, about a third more time per step")
     # learning rate
     scheduler: str = setting("cosine_decay", "lr schedule", choices=("constant", "cosine_decay", "linear_decay"))
     start_learning_rate: float = setting(1e-4, "peak learning rate", low=0.0, low_open=True, high=1.0)
