@@ -16,7 +16,6 @@ import dataclasses
 import numpy as np
 
 from msd_lora.backends.base import OptimizerSettings
-from msd_lora.backends.probe import probe_for
 from msd_lora.config import load_train_config
 from msd_lora.diffusion.losses import LossOptions
 from msd_lora.train import Trainer
@@ -56,7 +55,7 @@ def make_pair(tmp_path, *flags: str) -> list[Trainer]:
 
 
 def train_with(trainer: Trainer, options: LossOptions, settings: OptimizerSettings | None = None) -> tuple[float, dict]:
-    """(loss of the first batch, LoRA after STEPS steps) with `options`, from the run's initial LoRA and fresh
+    """(loss of the first step, LoRA after STEPS steps) with `options`, from the run's initial LoRA and fresh
     optimizer state (another optimizer when `settings` are given), through the backend's production train step."""
     backend = trainer.backend
     backend.set_lora_weights(trainer.initial)
@@ -65,14 +64,15 @@ def train_with(trainer: Trainer, options: LossOptions, settings: OptimizerSettin
     backend.load_training_state({}, {"optimizer_step": 0})
     dropout = bool(trainer.spec.dropout or trainer.spec.network_dropout)
     inputs = trainer.data.inputs(backend, trainer.info, trainer.schedule, options, dropout=dropout)
+    losses = []
     try:
-        first = probe_for(backend).loss(inputs(0))
-        for step in range(STEPS):
+        for step in range(STEPS):  # the first step's loss is the training graph's: no separate loss graph to compile
             result = backend.train_step(inputs(step), trainer.lr_at(step), update=True, accumulation=1)
             assert result.updated, f"step {step} skipped"
+            losses.append(result.loss)
     finally:
         inputs.close()
-    return first, backend.lora_weights()
+    return losses[0], backend.lora_weights()
 
 
 def check_option(pair: list[Trainer], name: str, options: LossOptions, measured) -> None:
