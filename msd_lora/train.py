@@ -116,7 +116,8 @@ class Trainer:
         self.backend.add_lora(self.spec, targets, initial)
         if cfg.gradient_checkpointing:
             self.backend.enable_gradient_checkpointing()
-        self.backend.configure_training(OptimizerSettings.from_config(cfg))
+        self.optimizer_settings = OptimizerSettings.from_config(cfg)
+        self.backend.configure_training(self.optimizer_settings)
         loss_options = LossOptions.from_config(cfg)
         self.inputs = self.data.inputs(self.backend, self.info, self.schedule, loss_options,
                                        dropout=bool(self.spec.dropout or self.spec.network_dropout))
@@ -141,7 +142,7 @@ class Trainer:
     def part_rates(self, lr: float) -> dict[str, float | None]:
         """The log's learning rates at a step whose rate is `lr`: the UNet LoRA's (`lr`; the text encoder's when only
         it trains) and the text encoder's (None when it is frozen)."""
-        settings = OptimizerSettings.from_config(self.cfg)
+        settings = self.optimizer_settings
         text = lr * settings.lr_scale("text_encoder") if self.cfg.lora_ft_text_encoder else None
         return {"lr": lr * settings.lr_scale("unet") if self.cfg.lora_ft_unet else text, "lr_text_encoder": text}
 
