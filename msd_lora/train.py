@@ -111,7 +111,7 @@ class Trainer:
             if self.spec.dora else None
         initial = init_lora_weights(self.spec, targets, shapes, cfg.seed, base)
         if cfg.init_lora_path:
-            initial, message = start_from_file(cfg.init_lora_path, initial, self.spec, self.module_index)
+            initial, message = start_from_file(cfg.init_lora_path, initial, self.module_index)
             self.notes.append(message)
         self.backend.add_lora(self.spec, targets, initial)
         if cfg.gradient_checkpointing:

@@ -12,10 +12,9 @@ import numpy as np
 
 from msd_lora.errors import LoraFormatError
 from msd_lora.lora.core import LoraLayer, LoraWeights
-from msd_lora.lora.spec import LoraSpec
 
 
-def start_from_file(path: str | Path, fresh: LoraWeights, spec: LoraSpec, index) -> tuple[LoraWeights, str]:
+def start_from_file(path: str | Path, fresh: LoraWeights, index) -> tuple[LoraWeights, str]:
     """(initial weights, a log line): `fresh` with the file's layers put in place."""
     from msd_lora.lora.formats import read_lora
 

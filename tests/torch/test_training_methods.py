@@ -193,6 +193,10 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path):
     (("--lora_type", "dora", "--lora_target_modules", "time_embedding"), "LoRA and DoRA wrap those layer types only"),
     (("--conv_rank", "100000", "--lora_target_modules", "c3lier"), "conv_rank 100000 is larger than unet layer"),
     (("--conv_alpha", "4"), "conv_alpha is set but conv_rank is not"),
+    (("--lora_type", "dora", "--lora_dropout", "0.1"), "lora_dropout with lora_type dora is not offered"),
+    (("--validation_split", "0.1", "--validation_data_path", "x"), "both give held-out images: set one of them"),
+    (("--validate_every_n_steps", "5"), "there are no held-out images: set validation_split"),
+    (("--optim", "prodigy", "--decay_steps", "3", "--end_learning_rate", "0"), "prodigy the learning rate must stay"),
 ])
 def test_bad_training_method_settings_are_clear_errors(tmp_path, flags, message):
     from msd_lora.errors import ConfigError, LoraSpecError

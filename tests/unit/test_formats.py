@@ -11,7 +11,6 @@ from msd_lora.lora.formats import detect_format, read_lora, write_lora
 from msd_lora.lora.init_from import start_from_file
 from msd_lora.lora.merge import check_fits, delta, extract_lora, merge_into_state, merged_weights, unmerged_weights
 from msd_lora.lora.module_index import ModuleIndex
-from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import load_model
 
 
@@ -322,10 +321,9 @@ def test_init_from_file_keeps_the_update_and_checks_the_fit(tiny, index, tmp_pat
     rng = np.random.default_rng(10)
     file_lora = random_lora(tiny, rng, rank=4, alpha=lambda rng: 2.0, leaves=("to_q.weight", "to_v.weight"))
     path = write_lora(tmp_path / "init.safetensors", file_lora, "kohya", index)
-    spec = LoraSpec(rank=4, alpha=8.0, targets={"unet": ("to_q", "to_k", "to_v")})
     fresh = random_lora(tiny, rng, rank=4, alpha=lambda rng: 8.0, leaves=("to_q.weight", "to_k.weight", "to_v.weight"))
     fresh = {k: v for k, v in fresh.items() if k.startswith("unet.")}
-    start, message = start_from_file(path, fresh, spec, index)
+    start, message = start_from_file(path, fresh, index)
     assert "from" in message and "kohya" in message and "start fresh" in message
     for key in file_lora:
         assert start[key].alpha == 8.0
@@ -334,10 +332,10 @@ def test_init_from_file_keeps_the_update_and_checks_the_fit(tiny, index, tmp_pat
     rank_2 = random_lora(tiny, rng, rank=2, alpha=lambda rng: 2.0, leaves=("to_q.weight", "to_k.weight", "to_v.weight"))
     rank_2 = {k: v for k, v in rank_2.items() if k.startswith("unet.")}
     with pytest.raises(LoraFormatError, match=r"rank 4, this run trains rank 2 \(set lora_rank / conv_rank: 4\)"):
-        start_from_file(path, rank_2, LoraSpec(rank=2, alpha=2.0, targets=spec.targets), index)
+        start_from_file(path, rank_2, index)
     only_q = {k: v for k, v in fresh.items() if k.endswith("to_q")}
     with pytest.raises(LoraFormatError, match=r"not trained by this run.*\(to_v\)"):
-        start_from_file(path, only_q, spec, index)
+        start_from_file(path, only_q, index)
 
 
 def test_module_index_names_every_layer_once(index):
