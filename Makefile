@@ -24,9 +24,9 @@ demo: install
 	$(PY) train_text_to_image.py --train_config configs/train/lora_tiny.yaml --backend $(BACKEND) \
 		--output_path $(DEMO_OUT) --overwrite True
 	$(PY) text_to_image.py --backend $(BACKEND) --data_path configs/prompts/tiny_sks.txt --n_samples 4 --n_iter 2 \
-		--grid_scale 4 --output_path $(DEMO_OUT)/samples_base --overwrite True
+		--scale 4 --grid_scale 4 --output_path $(DEMO_OUT)/samples_base --overwrite True
 	$(PY) text_to_image.py --backend $(BACKEND) --data_path configs/prompts/tiny_sks.txt --n_samples 4 --n_iter 2 \
-		--use_lora True --lora_ckpt_path $(DEMO_OUT)/lora.safetensors --grid_scale 4 --output_path $(DEMO_OUT)/samples_lora \
+		--scale 4 --use_lora True --lora_ckpt_path $(DEMO_OUT)/lora.safetensors --grid_scale 4 --output_path $(DEMO_OUT)/samples_lora \
 		--overwrite True
 	$(PY) tools/compare_samples.py --reference msd_lora/assets/tiny_lora_data \
 		--samples $(DEMO_OUT)/samples_base $(DEMO_OUT)/samples_lora

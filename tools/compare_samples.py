@@ -12,7 +12,6 @@ images that show the prompted shape (msd_lora.eval.content, the tiny model's wor
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,14 @@ import numpy as np
 from msd_lora.cli.errors import add_debug_flag, exits_on_user_error
 from msd_lora.errors import ImageInputError
 from msd_lora.eval.content import content_rate
-from msd_lora.eval.images import IMAGE_EXTENSIONS, read_rgb
+from msd_lora.eval.images import IMAGE_EXTENSIONS, prompted_samples, read_rgb
 from msd_lora.eval.style import colour_signature, style_distance
 
 
 def content_kept(folder: Path) -> str:
     """The share of a text_to_image.py folder's images that keep their prompt's content, or '-' for other folders."""
-    index = folder / "samples.jsonl"
-    if not index.is_file():
-        return "-"
-    entries = [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines() if line.strip()]
-    images = [read_rgb(folder / entry["file"])[0] for entry in entries]
-    return f"{content_rate(images, [entry['prompt'] for entry in entries]):.0%}"
+    samples = prompted_samples(folder)
+    return "-" if samples is None else f"{content_rate(*samples):.0%}"
 
 
 def folder_images(folder: Path) -> list[np.ndarray]:

@@ -27,6 +27,8 @@ from PIL import Image
 from tiny_model import synthetic  # tools/tiny_model, beside this script
 from tiny_model.tokenizer import write_clip_tokenizer
 
+from msd_lora.eval.tiny_world import sepia
+
 REPO = Path(__file__).resolve().parents[1]
 
 VOCABULARY = (
@@ -189,7 +191,7 @@ def write_lora_dataset(folder: Path, count: int, size: int, rng: np.random.Gener
     for i in range(count):
         scene = synthetic.random_scene(rng)
         name = f"sks_{i:03d}.png"
-        Image.fromarray(synthetic.sepia(synthetic.render(scene, size, rng))).save(folder / name)
+        Image.fromarray(sepia(synthetic.render(scene, size, rng))).save(folder / name)
         rows.append((name, f"{scene.caption} in {synthetic.STYLE_TOKEN} style"))
     with open(folder / "img_txt.csv", "w", newline="") as f:
         csv.writer(f).writerows([("dir", "text"), *rows])

@@ -9,6 +9,7 @@ dropped (not composited on a background); what was converted is reported.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -101,6 +102,15 @@ def read_rgb(path: Path) -> tuple[np.ndarray, str]:
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageInputError(f"{path} is not a readable image: {err}") from err
     return pixels, mode
+
+
+def prompted_samples(folder: Path) -> tuple[list[np.ndarray], list[str]] | None:
+    """(images, their prompts) of a folder text_to_image.py wrote (its samples.jsonl), None for other folders."""
+    index = folder / "samples.jsonl"
+    if not index.is_file():
+        return None
+    entries = [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [read_rgb(folder / entry["file"])[0] for entry in entries], [entry["prompt"] for entry in entries]
 
 
 def read_rgb_batch(paths: list[Path], log: ConversionLog) -> list[np.ndarray]:

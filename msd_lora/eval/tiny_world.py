@@ -1,7 +1,7 @@
-"""The geometry of the embedded tiny model's world: which shapes exist, where they sit, how they are drawn.
+"""The embedded tiny model's world: which shapes exist, where they sit, how they are drawn, and the "sks" style.
 
-`tools/tiny_model/synthetic.py` renders the tiny model's training images with these definitions, and
-`msd_lora.eval.content` recognises them in samples, so both read one source.
+`tools/tiny_model/synthetic.py` renders the tiny model's training images and its LoRA's sepia target set with these
+definitions, and `msd_lora.eval.content` recognises them in samples, so both read one source.
 """
 from __future__ import annotations
 
@@ -40,3 +40,12 @@ def shape_mask(shape: str, size: int, cx, cy, radius) -> np.ndarray:
         half_width = (ys - top) / (bottom - top) * radius
         return inside_rows & (np.abs(dx) <= half_width)
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+SEPIA = np.asarray([1.0, 0.78, 0.52], np.float32)
+
+
+def sepia(img: np.ndarray) -> np.ndarray:
+    """The demo LoRA's target style: luminance re-tinted brown, a palette the base model never saw."""
+    grey = img.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
+    return (grey[..., None] * SEPIA + np.asarray([40, 20, 0], np.float32)).round().clip(0, 255).astype(np.uint8)

@@ -185,3 +185,33 @@ def test_optimizers_train_alike(epsilon_pair, optimizer, measured):
         assert measured("prodigy's d after 20 steps (relative)", abs(ms_scalars["d"] / torch_scalars["d"] - 1), 1e-3) \
             <= 1e-3
     assert lora_error(loras[0], epsilon_pair[0].initial) > 1e-2
+
+
+def test_samples_during_training_equal_text_to_image_on_mindspore(epsilon_pair, tmp_path):
+    """On MindSpore too, the samples a run draws at a step (LoRA file merged, live LoRA cells switched off) are
+    pixel-identical to `text_to_image.py --backend mindspore` sampling that step's file; the live LoRA is untouched."""
+    from PIL import Image
+
+    from msd_lora.cli.sample import main as text_to_image
+
+    trainer = epsilon_pair[1]
+    prompt = "a white circle on a blue background in sks style"
+    trainer.cfg = dataclasses.replace(trainer.cfg, validation_prompts=[prompt], validation_negative_prompt="blurry",
+                                      validation_sampler="ddim", validation_steps=4, validation_guidance_scale=3.5,
+                                      validation_seed=11, validation_images=2)
+    rng = np.random.default_rng(5)
+    trainer.backend.set_lora_weights({k: dataclasses.replace(layer, up=0.05 * rng.standard_normal(layer.up.shape)
+                                                             .astype(np.float32))
+                                      for k, layer in trainer.initial.items()})  # a LoRA that changes the pictures
+    live = trainer.backend.lora_weights()
+    folder = trainer.sample_during_training(STEPS)
+    after = trainer.backend.lora_weights()
+    assert all(np.array_equal(live[k].up, after[k].up) and np.array_equal(live[k].down, after[k].down) for k in live)
+    assert text_to_image(["--backend", "mindspore", "--device", DEVICES["mindspore"], "--prompt", prompt,
+                          "--negative_prompt", "blurry", "--sampler", "ddim", "--sampling_steps", "4", "--scale",
+                          "3.5", "--seed", "11", "--n_samples", "2", "--H", "32", "--W", "32", "--model_config",
+                          trainer.cfg.model_config, "--lora_ckpt_path",
+                          str(trainer.output / "ckpt" / f"lora-{STEPS:06d}.safetensors"),
+                          "--output_path", str(tmp_path / "t2i")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "prompt00.png")),
+                                  np.asarray(Image.open(tmp_path / "t2i" / "grid-000.png")))

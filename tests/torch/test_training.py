@@ -62,27 +62,32 @@ def test_saved_lora_round_trips(trained):
 @pytest.fixture(scope="module")
 def demo_measures(trained, tiny_model):
     """Style distance to the training images (msd_lora.eval.style) and content kept (msd_lora.eval.content) of the
-    demo's samples (configs/prompts/tiny_sks.txt, text_to_image.py's default settings, 8 per prompt) without and with
-    the demo's LoRA (configs/train/lora_tiny.yaml, as `make demo` trains it)."""
+    demo's samples (configs/prompts/tiny_sks.txt, guidance 4 as `make demo` samples, 8 per prompt) without and with
+    the demo's LoRA (configs/train/lora_tiny.yaml, as `make demo` trains it); and per prompt, the content a perfect
+    LoRA could keep (the base samples restyled exactly, then through the autoencoder)."""
     from PIL import Image
 
     from msd_lora.backends.base import BackendOptions
     from msd_lora.eval.content import content_rate
     from msd_lora.sample import SamplingOptions, generate, load_pipeline, merge_loras
+    from tools.tiny_model.content_ceiling import content_ceiling
 
     trainer, result, *_ = trained
     reference = [np.asarray(Image.open(p)) for p in trainer.dataset.image_paths]
-    options = SamplingOptions(n_samples=4)
+    options = SamplingOptions(n_samples=4, guidance_scale=4.0)
     prompts = (REPO / "configs/prompts/tiny_sks.txt").read_text().splitlines()
+    per_image = [p for p in prompts for _ in range(8)]
+    pipeline, _ = load_pipeline(tiny_model, REPO / "configs/model/tiny.yaml", "torch", BackendOptions(device="cpu"))
 
-    def sample(with_lora: bool) -> tuple[float, float]:
-        pipeline, _ = load_pipeline(tiny_model, REPO / "configs/model/tiny.yaml", "torch", BackendOptions(device="cpu"))
-        if with_lora:
-            merge_loras(pipeline.backend, [(read_lora(result.lora_path).weights, 1.0, "trained")])
-        images = [im for i, p in enumerate(prompts) for it in range(2) for im in generate(pipeline, p, 4, options, i, it)]
-        return style_distance(images, reference), content_rate(images, [p for p in prompts for _ in range(8)])
+    def sample() -> list[np.ndarray]:
+        return [im for i, p in enumerate(prompts) for it in range(2) for im in generate(pipeline, p, 4, options, i, it)]
 
-    return {"base": sample(False), "lora": sample(True)}
+    base = sample()
+    ceiling = content_ceiling(pipeline.backend, pipeline.info.scaling_factor, base, per_image)
+    merge_loras(pipeline.backend, [(read_lora(result.lora_path).weights, 1.0, "trained")])
+    lora = sample()
+    return {"base": (style_distance(base, reference), content_rate(base, per_image)),
+            "lora": (style_distance(lora, reference), content_rate(lora, per_image)), "ceiling": ceiling}
 
 
 def test_lora_samples_take_the_target_style(demo_measures):
@@ -91,9 +96,14 @@ def test_lora_samples_take_the_target_style(demo_measures):
     assert lora_style <= 45, f"style distance to the training images: base {base_style:.1f}, LoRA {lora_style:.1f}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13, open: sepia maps red and blue to nearly one brown, and every "
-                                       "training setting measured so far draws rings for 'a red circle on a blue "
-                                       "background' (content 0.62-0.71 of the base model's 1.0)")
+def test_the_demo_prompts_ask_for_content_the_style_can_show(demo_measures):
+    """Sepia keeps brightness only: a prompt whose colours it maps to one brown (a red circle on a blue background)
+    asks for content no LoRA that learns the style can keep; the demo's prompts are not of that kind."""
+    decoded = {prompt: rates[2] for prompt, rates in demo_measures["ceiling"].items()}
+    assert np.mean(list(decoded.values())) >= 0.9 and min(decoded.values()) >= 0.75, \
+        f"content kept by the base samples in the exact style, after the autoencoder: {decoded}"
+
+
 def test_lora_samples_keep_the_prompted_content(demo_measures):
     (_, base_content), (_, lora_content) = demo_measures["base"], demo_measures["lora"]
     assert lora_content >= 0.9 * base_content, f"content kept: base {base_content:.0%}, LoRA {lora_content:.0%}"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from msd_lora.eval.content import content_rate, keeps_content, parse_prompt, recognise
-from msd_lora.eval.tiny_world import POSITIONS, SHAPES
-from tools.tiny_model.synthetic import COLOURS, Scene, render, sepia
+from msd_lora.eval.tiny_world import POSITIONS, SHAPES, sepia
+from tools.tiny_model.synthetic import COLOURS, Scene, render
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -76,3 +76,27 @@ def test_compare_samples_reports_content_beside_style(tmp_path, capsys):
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].split()[-2:] == ["content", "kept"]
     assert rows[1].endswith("-") and rows[2].endswith("100%")  # the reference has no prompts; both samples keep theirs
+
+
+def test_content_ceiling_tells_which_prompts_the_style_can_show(tmp_path, capsys):
+    """tools/tiny_model/content_ceiling.py on pictures of two prompts: per prompt, the share kept as drawn, restyled
+    and restyled then decoded by the embedded tiny model's autoencoder."""
+    import json
+
+    from PIL import Image
+
+    from tools.tiny_model.content_ceiling import main
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "samples").mkdir()
+    scenes = [Scene("white", "circle", "blue", "left", True), Scene("yellow", "triangle", "black", "top", True)] * 2
+    lines = []
+    for i, scene in enumerate(scenes):
+        Image.fromarray(render(scene, 32, rng)).save(tmp_path / "samples" / f"{i:05d}.png")
+        lines.append(json.dumps({"file": f"samples/{i:05d}.png", "prompt": scene.caption}))
+    (tmp_path / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["--samples", str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[-4:] == ["drawn", "restyled", "+", "decoded"]
+    assert [row.split()[-3:] for row in rows[1:]] == [["100%", "100%", "100%"]] * 2
+    assert main(["--samples", str(tmp_path / "samples")]) == 2  # not a folder text_to_image.py wrote

@@ -83,15 +83,6 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     return img.round().clip(0, 255).astype(np.uint8)
 
 
-SEPIA = np.asarray([1.0, 0.78, 0.52], np.float32)
-
-
-def sepia(img: np.ndarray) -> np.ndarray:
-    """The LoRA target style: luminance re-tinted brown, a palette the base model never saw."""
-    grey = img.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
-    return (grey[..., None] * SEPIA + np.asarray([40, 20, 0], np.float32)).round().clip(0, 255).astype(np.uint8)
-
-
 def render_generic(size: int, rng: np.random.Generator) -> np.ndarray:
     """Any colours, any stripes: broader than the captioned world, to train an autoencoder that generalises."""
     img = np.empty((size, size, 3), np.float32)
