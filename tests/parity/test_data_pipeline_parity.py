@@ -2,7 +2,8 @@
 75-token chunks) and the latent and text caches give the same inputs and the same LoRA on torch and MindSpore.
 
 One trainer per backend serves the module. The dataset has two bucket shapes, which MindSpore trains with one
-dynamic-shape train graph (`bucket_graphs: auto`; docs/data.md).
+dynamic-shape train graph (`bucket_graphs: auto`; docs/data.md); the LoRA dropouts ride along, since their masks
+are sized by the layer's input inside that graph.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def pair(tmp_path_factory):
                          "--train_batch_size", "2", "--enable_bucket", "True", "--min_bucket_reso", "16",
                          "--max_bucket_reso", "64", "--bucket_reso_steps", "8", "--flip", "True",
                          "--caption_dropout_rate", "0.2", "--max_token_length", "225", "--cache_latents", "True",
-                         "--cache_text_embeddings", "True", "--start_learning_rate", "1e-3", "--warmup_steps", "2")
+                         "--cache_text_embeddings", "True", "--start_learning_rate", "1e-3", "--warmup_steps", "2",
+                         "--lora_dropout", "0.1", "--network_dropout", "0.1")
         trainers.append(Trainer(load_train_config(args), show_progress=False))
     return trainers
 
@@ -73,7 +75,8 @@ def test_long_caption_encodes_alike_and_untruncated(pair, measured):
 def test_cached_inputs_equal_uncached_on_mindspore(pair, measured):
     _, ms_t = pair
     uncached = TrainingInputs(ms_t.dataset, ms_t.order, ms_t.captions, ms_t.tokenizer, ms_t.backend, ms_t.info,
-                              ms_t.schedule, ms_t.cfg.seed, caches=CacheSettings())
+                              ms_t.schedule, ms_t.cfg.seed, caches=CacheSettings(), loss=ms_t.inputs.loss,
+                              dropout=ms_t.inputs.dropout)
     probe = probe_for(ms_t.backend)
     worst, worst_loss = 0.0, 0.0
     for step in (0, 3, 7):
@@ -93,4 +96,4 @@ def test_loras_after_twenty_bucketed_cached_steps_agree(pair, measured):
         for step in range(STEPS):
             t.backend.train_step(t.micro_batch(step), t.lr_at(step), update=True, accumulation=1)
     error = lora_error(pair[1].backend.lora_weights(), pair[0].backend.lora_weights())
-    assert measured("LoRA after 20 steps, buckets + caption dropout + caches + 225 tokens", error, 1e-3) <= 1e-3
+    assert measured("LoRA after 20 steps, buckets + caption dropout + caches + 225 tokens + LoRA dropouts", error, 1e-3) <= 1e-3

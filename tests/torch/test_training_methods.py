@@ -71,8 +71,9 @@ def test_a_v_prediction_lora_samples_as_trained(tmp_path):
     plain = generate(pipeline, "a red circle", 1, options)
     notes = follow_lora_training(pipeline, [str(result.lora_path)])
     assert notes and "v_prediction" in notes[0] and pipeline.schedule.prediction_type == "v_prediction"
-    np.testing.assert_array_equal(generate(pipeline, "a red circle", 1, options), during)
-    assert not np.array_equal(plain, during)  # sampled as epsilon, the same weights give other images
+    # merged weights against the trainer's live LoRA side path: float rounding may move a pixel by one level
+    assert np.abs(generate(pipeline, "a red circle", 1, options).astype(int) - during).max() <= 1
+    assert np.abs(plain.astype(int) - during).max() > 32  # sampled as epsilon, the same weights give other images
 
 
 def test_zero_terminal_snr_on_an_epsilon_model_asks_for_v_prediction(tmp_path):

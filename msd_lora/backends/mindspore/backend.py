@@ -62,6 +62,7 @@ class MindSporeBackend(Backend):
                           stacklevel=2)
         self.components: dict[str, nn.Cell] = {}
         self.lora_cells: dict[str, ms_lora.LoraCell] = {}
+        self.dropout_seed: ms.Parameter | None = None  # read by every LoRA cell, assigned by the train step's graph
         self.step: TrainStep | None = None
         self.dynamic_shapes = options.dynamic_shapes and self.compiles_graphs
         if self.dynamic_shapes:  # before any graph is compiled: compiled graphs keep the ops they were built with
@@ -108,9 +109,12 @@ class MindSporeBackend(Backend):
 
     # --- LoRA --------------------------------------------------------------------------------
     def _inject_lora(self, spec: LoraSpec, targets: dict[str, list[str]], init: LoraWeights) -> None:
+        if self.dropout_seed is None:
+            self.dropout_seed = ms_lora.dropout_seed_parameter(spec)
         for component, names in targets.items():
             layers = {n: init[f"{component}.{n}"] for n in names}
-            self.lora_cells.update(ms_lora.inject(self.components[component], component, layers, spec, sorted(init)))
+            self.lora_cells.update(ms_lora.inject(self.components[component], component, layers, spec, sorted(init),
+                                                  self.dropout_seed))
         for _, param in self.lora_items():
             param.requires_grad = True
         self._build_graphs()
@@ -141,7 +145,7 @@ class MindSporeBackend(Backend):
         self.settings = settings
         items = self.lora_items()
         layout = FlatLayout(names=tuple(k for k, _ in items), shapes=tuple(tuple(p.shape) for _, p in items))
-        self.step = TrainStep(self.loss, [p for _, p in items], layout, settings)
+        self.step = TrainStep(self.loss, [p for _, p in items], layout, settings, self.dropout_seed)
 
     def step_inputs(self, batch: StepBatch) -> tuple[Tensor, ...]:
         """The train step's (and the loss's) tensor inputs, in DiffusionLoss's order."""
@@ -155,13 +159,13 @@ class MindSporeBackend(Backend):
 
     def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
         args = (Tensor(1.0 / accumulation, ms.float32), Tensor(lr, ms.float32), Tensor(update, ms.bool_),
-                *self.step_inputs(batch))
-        self._declare_dynamic(self.step, args, spatial=(3, 4, 5, 7, 8))  # mean, std, posterior noise, both noises
-        self._set_dropout_seed(batch.dropout_seed)
+                Tensor(batch.dropout_seed, ms.int64), *self.step_inputs(batch))
+        self._declare_dynamic(self.step, args, spatial=(4, 5, 6, 8, 9))  # mean, std, posterior noise, both noises
         try:
             loss, finite, norm, scale = self.step(*args)
         finally:
-            self._set_dropout_seed(0)
+            if self.dropout_seed is not None:  # the other graphs run without dropout
+                self.dropout_seed.set_data(Tensor(0, ms.int64))
         finite = bool(finite.asnumpy())
         return StepResult(loss=float(loss.asnumpy()), updated=update and finite, overflow=update and not finite,
                           grad_norm=float(norm.asnumpy()) if update else None, loss_scale=float(scale.asnumpy()))
@@ -178,11 +182,6 @@ class MindSporeBackend(Backend):
         inputs = self.step_inputs(batch)
         self._declare_dynamic(self.loss, inputs, spatial=(0, 1, 2, 4, 5))  # mean, std, posterior noise, both noises
         return float(self.loss(*inputs).asnumpy())
-
-    def _set_dropout_seed(self, seed: int) -> None:
-        for cell in self.lora_cells.values():
-            if cell.dropout_seed is not None:
-                cell.dropout_seed.set_data(Tensor(seed, ms.int64))
 
     def set_lora_enabled(self, enabled: bool) -> None:
         for cell in self.lora_cells.values():

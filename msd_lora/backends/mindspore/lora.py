@@ -27,7 +27,7 @@ LINEARS = (mint.nn.Linear, nn.Dense)
 
 class LoraCell(nn.Cell):
     def __init__(self, base: nn.Cell, layer: LoraLayer, fp16: bool, dora: bool, key: str, number: int = 0,
-                 dropout: float = 0.0, network_dropout: float = 0.0):
+                 dropout: float = 0.0, network_dropout: float = 0.0, dropout_seed: Parameter | None = None):
         super().__init__(auto_prefix=False)
         self.base = base
         self.conv = isinstance(base, CONVOLUTIONS)
@@ -43,10 +43,10 @@ class LoraCell(nn.Cell):
         self.has_bias = getattr(base, "bias", None) is not None
         # 1: the LoRA adds its update; 0: the base layer alone, exactly (a tensor: one compiled graph for both)
         self.enabled = Parameter(Tensor(1.0, ms.float32), name=f"{key}.{ENABLED}", requires_grad=False)
-        # LoRA dropout (msd_lora.lora.dropout): masks hashed from the step's seed, 0 outside train steps
+        # LoRA dropout (msd_lora.lora.dropout): masks hashed from the step's seed, 0 outside train steps; one
+        # parameter shared by every LoRA cell (`dropout_seed_parameter`), which the train step assigns in its graph
         self.dropout, self.network_dropout, self.number = float(dropout), float(network_dropout), number
-        self.dropout_seed = Parameter(Tensor(0, ms.int64), name=f"{key}.{DROPOUT_SEED}", requires_grad=False) \
-            if dropout or network_dropout else None
+        self.dropout_seed = dropout_seed if dropout or network_dropout else None
         if self.conv:
             self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
             self.gather = kernels.cpu_substitutes_applied()  # the CPU convolution the base layers use too
@@ -114,9 +114,18 @@ def layer_shapes(root: nn.Cell) -> dict[str, tuple[int, ...]]:
     return {n: tuple(cell.weight.shape) for n, cell in root.cells_and_names() if isinstance(cell, LINEARS + CONVOLUTIONS)}
 
 
-def inject(root: nn.Cell, component: str, layers: dict[str, LoraLayer], spec, numbers: list[str]) -> dict[str, LoraCell]:
+def dropout_seed_parameter(spec) -> Parameter | None:
+    """The LoRA dropout masks' seed that every LoRA cell reads, None without LoRA dropout."""
+    if not (spec.dropout or spec.network_dropout):
+        return None
+    return Parameter(Tensor(0, ms.int64), name=DROPOUT_SEED, requires_grad=False)
+
+
+def inject(root: nn.Cell, component: str, layers: dict[str, LoraLayer], spec, numbers: list[str],
+           dropout_seed: Parameter | None = None) -> dict[str, LoraCell]:
     """Replace each named cell of `root` by a LoraCell around it with that layer's rank and alpha (the spec's variant
-    and dropouts; `numbers` orders the layers for the dropout masks); return canonical key -> cell."""
+    and dropouts reading `dropout_seed`; `numbers` orders the layers for the dropout masks); return canonical
+    key -> cell."""
     cells = _cells_by_name(root)
     injected = {}
     for name, layer in layers.items():
@@ -125,7 +134,7 @@ def inject(root: nn.Cell, component: str, layers: dict[str, LoraLayer], spec, nu
         key = module_key(component, name)
         base_names = {id(p): p.name for p in cells[name].get_parameters()}
         wrapper = LoraCell(cells[name], layer, spec.fp16, spec.dora, key, numbers.index(key), spec.dropout,
-                           spec.network_dropout)
+                           spec.network_dropout, dropout_seed)
         if isinstance(parent, (nn.CellList, nn.SequentialCell)):
             parent[int(child)] = wrapper
         else:
@@ -136,10 +145,10 @@ def inject(root: nn.Cell, component: str, layers: dict[str, LoraLayer], spec, nu
         # across blocks: keep the base layer's own names and give the LoRA weights their canonical keys
         for param in cell.base.get_parameters():
             param.name = base_names[id(param)]
-        switches = [(ENABLED, cell.enabled)] + ([(DROPOUT_SEED, cell.dropout_seed)] if cell.dropout_seed is not None
-                                                 else [])
-        for part, param in lora_parts(cell) + switches:
+        for part, param in lora_parts(cell) + [(ENABLED, cell.enabled)]:
             param.name = f"{key}.{part}"
+        if cell.dropout_seed is not None:
+            cell.dropout_seed.name = DROPOUT_SEED  # re-parenting renamed the shared parameter too
     return {key: cell for key, (cell, _) in injected.items()}
 
 

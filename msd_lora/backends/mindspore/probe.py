@@ -44,7 +44,7 @@ class MindSporeProbe:
         step.accum.set_data(Tensor(np.zeros_like(saved)))
         try:
             loss, _, _, scale = step(Tensor(1.0, ms.float32), Tensor(0.0, ms.float32), Tensor(False, ms.bool_),
-                                     *self.backend.step_inputs(batch))
+                                     Tensor(0, ms.int64), *self.backend.step_inputs(batch))
             flat = step.accum.asnumpy() / float(scale.asnumpy())
         finally:
             step.accum.set_data(Tensor(saved))

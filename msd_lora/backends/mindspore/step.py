@@ -115,13 +115,18 @@ def flat_optimizer(settings: OptimizerSettings, layout: FlatLayout, initial: np.
 
 
 class TrainStep(nn.Cell):
-    """`step(inv_accumulation, lr, update, *inputs) -> (loss, finite, grad_norm, loss_scale)` where `loss(*inputs)`
-    is the training loss (DiffusionLoss in training; any loss cell, e.g. in the benchmarks)."""
+    """`step(inv_accumulation, lr, update, dropout_seed, *inputs) -> (loss, finite, grad_norm, loss_scale)` where
+    `loss(*inputs)` is the training loss (DiffusionLoss in training; any loss cell, e.g. in the benchmarks).
+
+    `dropout_seed` is assigned to the LoRA cells' shared seed parameter inside the graph. Set from the host with
+    `set_data` between calls instead, the seed was not seen by the dynamic-shape (bucketed) train graph after its
+    first call: MindSpore 2.10 on CPU drew the first step's dropout masks in every step (static graphs saw it)."""
 
     def __init__(self, loss: nn.Cell, lora_params: list[Parameter], layout: FlatLayout,
-                 settings: OptimizerSettings):
+                 settings: OptimizerSettings, dropout_seed: Parameter | None = None):
         super().__init__(auto_prefix=False)
         self.loss = loss
+        self.dropout_seed = dropout_seed
         self.layout = layout
         self.clip_grad, self.max_grad_norm = settings.clip_grad, float(settings.max_grad_norm)
         self.ema_decay = float(settings.ema_decay)
@@ -149,9 +154,11 @@ class TrainStep(nn.Cell):
         loss = self.loss(*inputs)
         return loss * weight, loss
 
-    def construct(self, inv_accumulation, lr, update, *inputs):
+    def construct(self, inv_accumulation, lr, update, dropout_seed, *inputs):
         """`update` (a bool tensor, so one graph serves every micro-batch): apply the optimizer after this one.
         `inputs` are separate tensors (a tuple argument would be a graph constant, recompiled per call)."""
+        if self.dropout_seed is not None:
+            ops.assign(self.dropout_seed, dropout_seed)
         scale = self.loss_scale + 0.0
         (scaled_loss, loss), grads = self.grad_fn(scale * inv_accumulation, *inputs)
         loss = ops.depend(loss, scaled_loss)  # keeps the graph free of a dangling output
