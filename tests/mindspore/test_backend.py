@@ -144,6 +144,13 @@ def test_flash_attention_on_cpu_falls_back_with_a_warning():  # mindone's v2 yam
     assert not backend.flash_attention
 
 
+def test_gradient_checkpointing_on_cpu_warns_that_it_saves_no_memory(tiny_model):
+    backend = MindSporeBackend(BackendOptions(device="cpu"))
+    backend.load_model(load_pretrained(tiny_model), "epsilon")
+    with pytest.warns(UserWarning, match="CPU runtime recomputes the blocks but saves no memory"):
+        backend.enable_gradient_checkpointing()
+
+
 def test_unknown_device_is_a_clear_error():
     with pytest.raises(ValueError, match="not a MindSpore target"):
         MindSporeBackend(BackendOptions(device="tpu"))

@@ -43,8 +43,8 @@ class MindSporeProbe:
         saved = step.accum.asnumpy().copy()
         step.accum.set_data(Tensor(np.zeros_like(saved)))
         try:
-            loss, _, _, scale = step(Tensor(1.0, ms.float32), Tensor(0.0, ms.float32), Tensor(False, ms.bool_),
-                                     Tensor(0, ms.int64), *self.backend.step_inputs(batch))
+            # the training graph itself (dynamic-shape where training declares it), no dropout, nothing updated
+            loss, _, _, scale = step(*self.backend.step_arguments(batch, 0.0, False, 1, 0))
             flat = step.accum.asnumpy() / float(scale.asnumpy())
         finally:
             step.accum.set_data(Tensor(saved))
