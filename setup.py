@@ -28,7 +28,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["msd_lora", "msd_lora.*"]),
-    package_data={"msd_lora": ["assets/tiny_sd/**/*", "assets/tiny_lora_data/*", "assets/clip_bpe/*"]},
+    package_data={"msd_lora": ["assets/tiny_sd/**/*", "assets/tiny_lora_data/*", "assets/tiny_dreambooth/*", "assets/clip_bpe/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=CORE,

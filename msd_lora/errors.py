@@ -113,3 +113,7 @@ class PairingError(EvalError):
 
 class ImageInputError(EvalError):
     """An image folder or image file for evaluation cannot be used."""
+
+
+class EmbeddingError(MsdLoraError):
+    """A textual-inversion embedding (file, token or placeholder setting) that cannot be used as asked."""

@@ -168,6 +168,28 @@ def to_uint8_images(images: np.ndarray) -> np.ndarray:
     return pixels.transpose(0, 2, 3, 1)
 
 
+def load_embeddings(pipeline: Pipeline, files: list[tuple[str, str | None]], lora_paths: list[str] = ()) -> list[str]:
+    """Put the embeddings of `files` ((path, token or None)) and those bundled in the LoRA files into the pipeline's
+    text encoder and tokenizer; returns their names."""
+    from msd_lora.embeddings.files import bundled_embeddings, read_embeddings
+    from msd_lora.embeddings.install import install_embeddings
+    from msd_lora.files.tensor_file import read_tensor_file
+    from msd_lora.lora.formats import lora_file_path
+
+    found, sources = [], []
+    for path, token in files:
+        for embedding in read_embeddings(path, token):
+            found.append(embedding)
+            sources.append(str(path))
+    for path in lora_paths:
+        for embedding in bundled_embeddings(read_tensor_file(lora_file_path(path)).tensors):
+            found.append(embedding)
+            sources.append(f"{path} (bundled)")
+    if found:
+        install_embeddings(pipeline.backend, pipeline.tokenizer, found, sources=sources)
+    return [e.name for e in found]
+
+
 def read_lora_files(pairs: list[tuple[str, float]], index: ModuleIndex) -> list[tuple[LoraWeights, float, str]]:
     """(weights, scale, path) of each LoRA file, any format (diffusers, kohya/A1111, old diffusers, mindone), names
     resolved against the model's own layout (`index`), so LDM-named and kohya files map onto exactly its layers."""

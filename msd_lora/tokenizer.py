@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -150,6 +151,50 @@ class PromptTokenizer:
 
         self._tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         self._set_length(max_token_length)
+        self._expansions: dict[str, str] = {}  # embedding name -> its vector tokens, space-separated
+        self._row_shift = 0  # text-encoder row of an added token = its tokenizer id + this
+
+    def has_token(self, word: str) -> bool:
+        """Whether `word` is a token of the vocabulary already (added, or a word the BPE knows, with or without the
+        end-of-word mark)."""
+        vocab = self._tok.get_vocab()
+        return word in vocab or word.lower() + END_OF_WORD in vocab
+
+    def token_ids(self, word: str) -> list[int]:
+        """The ids `word` tokenises to, without BOS / EOS."""
+        return self._tok(word, add_special_tokens=False, verbose=False).input_ids
+
+    def add_embedding(self, name: str, token_names: list[str], first_row: int) -> list[int]:
+        """Make `name` in a prompt stand for the new tokens `token_names`, whose vectors are the text encoder's rows
+        from `first_row` on (after the rows added before). Returns those rows."""
+        from msd_lora.errors import EmbeddingError
+
+        taken = [t for t in token_names if self.has_token(t)]
+        if taken:
+            raise EmbeddingError(f"token {taken[0]!r} is already in the tokenizer's vocabulary: a new embedding needs "
+                                 f"a word the model does not know (e.g. <{name.strip('<>')}-new>); rename it with "
+                                 f"embedding_token / placeholder_tokens")
+        before = len(self._tok)
+        if self._expansions and before + self._row_shift != first_row:
+            raise ValueError(f"embedding rows must be added in order: expected row {before + self._row_shift}")
+        self._row_shift = first_row - before
+        self._tok.add_tokens(token_names)
+        self._expansions[name] = " ".join(token_names)
+        return [int(self._tok.convert_tokens_to_ids(t)) + self._row_shift for t in token_names]
+
+    def expand(self, prompt: str) -> str:
+        """`prompt` with every embedding name replaced by its vector tokens."""
+        for name, tokens in self._expansions.items():
+            if " " in tokens:
+                prompt = re.sub(re.escape(name) + r"(?!_\d)", tokens, prompt)
+        return prompt
+
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        encoded = self._tok([self.expand(p) for p in prompts], add_special_tokens=False, verbose=False).input_ids
+        if not self._row_shift:
+            return encoded
+        first_added = len(self._tok) - sum(len(t.split()) for t in self._expansions.values())
+        return [[i + self._row_shift if i >= first_added else i for i in ids] for ids in encoded]
 
     def _set_length(self, max_token_length: int) -> None:
         if max_token_length not in TOKEN_LENGTHS:
@@ -169,7 +214,7 @@ class PromptTokenizer:
 
     def token_counts(self, prompts: list[str]) -> list[int]:
         """How many tokens each prompt has, without BOS/EOS."""
-        return [len(ids) for ids in self._tok(list(prompts), add_special_tokens=False, verbose=False).input_ids]
+        return [len(ids) for ids in self._encode(list(prompts))]
 
     def overlong(self, prompts: list[str]) -> list[tuple[str, int]]:
         """(prompt, its token count) of every prompt longer than max_token_length: those are truncated."""
@@ -180,7 +225,7 @@ class PromptTokenizer:
         bos, eos = tok.bos_token_id, tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         rows = []
-        for ids in tok(list(prompts), add_special_tokens=False, verbose=False).input_ids:
+        for ids in self._encode(list(prompts)):
             ids = ids[:self.max_tokens]
             row = []
             for i in range(self.chunks):

@@ -25,8 +25,12 @@ import numpy as np
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, get_backend
 from msd_lora.checkpoint import RESUME_NAME, ResumeState, load_resume, save_resume
 from msd_lora.config import TrainConfig, write_config
+from msd_lora.data.class_images import generate_class_images
 from msd_lora.diffusion.losses import LossOptions
 from msd_lora.diffusion.schedule import NoiseSchedule
+from msd_lora.embeddings.files import bundle_tensors, write_run_embeddings
+from msd_lora.embeddings.install import install_embeddings, placeholder_embeddings
+from msd_lora.embeddings.tokens import Embedding
 from msd_lora.errors import ConfigError, LoraMismatchError, ResumeError
 from msd_lora.files.atomic import atomic_write_text
 from msd_lora.held_out import ValidationLoss
@@ -40,12 +44,13 @@ from msd_lora.models.model_config import ModelConfig
 from msd_lora.models.pretrained import load_model
 from msd_lora.output_folder import OutputFolder
 from msd_lora.sample import Pipeline, SamplingOptions, generate, image_grid, save_png
-from msd_lora.train_inputs import RunData
+from msd_lora.train_inputs import PairedInputs, RunData
 from msd_lora.train_log import TrainLog
 from msd_lora.train_samples import sample_from_file, validation_options
 
 RUN_OUTPUTS = ("lora.safetensors", "lora_mindone.ckpt", "train_config.yaml", "train_log.csv", "ckpt", "validation",
-               "tensorboard", "buckets.json", "samples", "loss.png")
+               "tensorboard", "buckets.json", "samples", "loss.png", "embeddings")
+ROWS_STATE = "embeddings.rows"  # the resume file's copy of the trained embedding rows
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -57,6 +62,7 @@ class RunPlan:
     micro_steps_per_epoch: int
     accumulation: int
     total_steps: int  # optimizer steps
+    ti_steps: int = 0  # the first steps train only the embeddings (pivotal tuning's inversion phase)
 
     def epoch_of(self, step: int) -> float:
         """Epochs completed after `step` optimizer steps."""
@@ -87,9 +93,14 @@ class Trainer:
                               "folder (docs/data.md)")
         if cfg.init_lora_path:
             lora_file_path(cfg.init_lora_path)  # exists: checked before the model loads
+        self.notes = []
+        if cfg.with_prior_preservation and cfg.num_class_images:
+            present, made = generate_class_images(cfg, self._progress)
+            self.notes.append(f"class images: {present} in {cfg.class_data_dir}" + (
+                f", {made} generated from '{cfg.class_prompt}'" if made else f" (num_class_images {cfg.num_class_images})"))
         pretrained, self.model_config = load_model(cfg.pretrained_model_path, cfg.model_config or None)
         self.schedule = training_schedule(cfg, self.model_config)
-        self.notes = [n for n in (self.model_config.note, pretrained.metadata.get("note")) if n]
+        self.notes += [n for n in (self.model_config.note, pretrained.metadata.get("note")) if n]
         self.module_index = ModuleIndex.for_model(pretrained.configs)
         self.data = RunData.from_config(cfg, pretrained)
         self.dataset, self.order, self.captions = self.data.dataset, self.data.order, self.data.captions
@@ -114,6 +125,13 @@ class Trainer:
             initial, message = start_from_file(cfg.init_lora_path, initial, self.module_index)
             self.notes.append(message)
         self.backend.add_lora(self.spec, targets, initial)
+        self.embeddings = placeholder_embeddings(cfg.placeholder_tokens, cfg.initializer_tokens,
+                                                 cfg.num_vectors_per_token, self.backend, self.tokenizer, cfg.seed) \
+            if cfg.placeholder_tokens else []
+        if self.embeddings:
+            check_placeholders_used(cfg, self.dataset.captions)
+            install_embeddings(self.backend, self.tokenizer, self.embeddings, trainable=True,
+                               sources=["placeholder_tokens"] * len(self.embeddings))
         if cfg.gradient_checkpointing:
             self.backend.enable_gradient_checkpointing()
         self.optimizer_settings = OptimizerSettings.from_config(cfg)
@@ -132,7 +150,9 @@ class Trainer:
             total = cfg.max_train_steps
         else:
             total = max(1, (cfg.epochs * micro) // cfg.gradient_accumulation_steps)
-        return RunPlan(micro_steps_per_epoch=micro, accumulation=cfg.gradient_accumulation_steps, total_steps=total)
+        ti_steps = (total if not cfg.use_lora else min(cfg.ti_steps, total)) if cfg.placeholder_tokens else 0
+        return RunPlan(micro_steps_per_epoch=micro, accumulation=cfg.gradient_accumulation_steps, total_steps=total,
+                       ti_steps=ti_steps)
 
     # --- data -------------------------------------------------------------------------------
     def micro_batch(self, micro_step: int) -> StepBatch:
@@ -147,10 +167,35 @@ class Trainer:
         return {"lr": lr * settings.lr_scale("unet") if self.cfg.lora_ft_unet else text, "lr_text_encoder": text}
 
     def lr_at(self, step: int) -> float:
-        """The learning rate of 0-based optimizer step `step`."""
+        """The LoRA's learning rate of 0-based optimizer step `step` (0 during the embeddings-only steps, after which
+        the schedule runs over the remaining steps)."""
+        cfg, ti = self.cfg, self.plan.ti_steps
+        if step < ti:
+            return 0.0
+        return learning_rate(step - ti, self.plan.total_steps - ti, cfg.scheduler, cfg.start_learning_rate,
+                             cfg.end_learning_rate, cfg.warmup_steps, cfg.decay_steps, cfg.milestones, cfg.decay_rate)
+
+    def embeddings_lr_at(self, step: int) -> float:
+        """The placeholder embeddings' learning rate: learning_rate_ti during the first ti_steps, then
+        continue_inversion_lr (default learning_rate_ti) with continue_inversion, else 0."""
         cfg = self.cfg
-        return learning_rate(step, self.plan.total_steps, cfg.scheduler, cfg.start_learning_rate,
-                             cfg.end_learning_rate, cfg.warmup_steps, cfg.decay_steps)
+        if not self.embeddings:
+            return 0.0
+        if step < self.plan.ti_steps:
+            return cfg.learning_rate_ti
+        return (cfg.continue_inversion_lr or cfg.learning_rate_ti) if cfg.continue_inversion else 0.0
+
+    def trained_embeddings(self) -> list[Embedding]:
+        """The placeholder embeddings as trained so far."""
+        rows, start, out = self.backend.token_rows(), 0, []
+        for embedding in self.embeddings:
+            out.append(Embedding(embedding.name, rows[start:start + len(embedding.vectors)].copy()))
+            start += len(embedding.vectors)
+        return out
+
+    def save_embeddings(self, folder: Path, step: int) -> list[Path]:
+        metadata = {"msd_lora.base_model": self.info.base_model, "msd_lora.step": str(step)}
+        return write_run_embeddings(folder, self.trained_embeddings(), metadata)
 
     # --- checkpoints ------------------------------------------------------------------------
     @property
@@ -173,7 +218,19 @@ class Trainer:
             self.backend.set_lora_weights(state.lora)
         except LoraMismatchError as err:
             raise ResumeError(f"{path} does not fit this run's LoRA: {err}") from err
-        self.backend.load_training_state(state.arrays, state.scalars, source=str(path))
+        arrays = dict(state.arrays)
+        rows = arrays.pop(ROWS_STATE, None)
+        if (rows is None) != (not self.embeddings):
+            raise ResumeError(f"{path} {'holds no' if rows is None else 'holds'} trained embeddings, and this run "
+                              f"{'trains' if self.embeddings else 'trains none'}: resume it with the same "
+                              f"placeholder_tokens")
+        if rows is not None:
+            if rows.shape != self.backend.token_rows().shape:
+                raise ResumeError(f"{path}: its embeddings have shape {rows.shape}, this run's "
+                                  f"{self.backend.token_rows().shape}: resume with the same placeholder_tokens and "
+                                  f"num_vectors_per_token")
+            self.backend.set_token_rows(rows)
+        self.backend.load_training_state(arrays, state.scalars, source=str(path))
         log_message(f"resumed from {path} at step {state.step}")
         return state.step, int(state.scalars.get("skipped_steps", 0))
 
@@ -181,6 +238,9 @@ class Trainer:
         lora_path = self.output / "ckpt" / f"lora-{step:06d}.safetensors"
         self.save_lora(lora_path, step)
         arrays, scalars = self.backend.training_state()
+        if self.embeddings:
+            arrays[ROWS_STATE] = self.backend.token_rows()
+            self.save_embeddings(self.output / "ckpt" / f"embeddings-{step:06d}", step)
         save_resume(self.resume_path, ResumeState(step=step, lora=self.backend.lora_weights(), arrays=arrays,
                                                   scalars={**scalars, "skipped_steps": skipped}))
         return lora_path
@@ -193,7 +253,10 @@ class Trainer:
                  "msd_lora.zero_terminal_snr": str(self.schedule.zero_terminal_snr)}
         if self.cfg.init_lora_path:
             extra["msd_lora.init_lora"] = str(self.cfg.init_lora_path)
-        return write_lora(path, weights, base_model=self.info.base_model, step=step, extra=extra)
+        if self.embeddings:
+            extra["msd_lora.placeholder_tokens"] = " ".join(e.name for e in self.embeddings)
+        bundled = bundle_tensors(self.trained_embeddings()) if self.cfg.save_embeddings_in_lora else None
+        return write_lora(path, weights, base_model=self.info.base_model, step=step, extra=extra, embeddings=bundled)
 
     def _checkpoint_due(self, step: int) -> bool:
         interval = self.cfg.ckpt_save_interval
@@ -239,6 +302,10 @@ class Trainer:
                 if done < self.plan.total_steps:
                     self._stop(log, done, start, skipped)
                 lora_path = self.save_lora(self.output / "lora.safetensors", self.plan.total_steps)
+                if self.embeddings:
+                    paths = self.save_embeddings(self.output / "embeddings", self.plan.total_steps)
+                    log.message(f"embeddings {', '.join(e.name for e in self.embeddings)}: {paths[0].parent} "
+                                f"(<name>.safetensors: A1111 / kohya; <name>.diffusers.safetensors: diffusers)")
                 native = self.backend.save_native_lora(str(self.output / "lora_mindone.ckpt"),
                                                        self.backend.lora_weights(ema=self.cfg.use_ema),
                                                        self.module_index)
@@ -270,12 +337,15 @@ class Trainer:
         for step in range(start, self.plan.total_steps):
             if self._stop_requested:
                 break
-            lr = self.lr_at(step)
-            losses = []
+            lr, lr_rows = self.lr_at(step), self.embeddings_lr_at(step)
+            losses, parts = [], []
             for k in range(accumulation):
                 result = self.backend.train_step(self.micro_batch(step * accumulation + k), lr,
-                                                 update=k == accumulation - 1, accumulation=accumulation)
+                                                 update=k == accumulation - 1, accumulation=accumulation,
+                                                 lr_rows=lr_rows)
                 losses.append(result.loss)
+                if isinstance(self.inputs, PairedInputs):
+                    parts.append(self.inputs.split_losses(result.sample_losses))
             if compiling:
                 log.bar.set_description("train")
                 log.message(f"{self.backend.name}: graph compiled, first step took {time.time() - began:.0f} s")
@@ -289,7 +359,10 @@ class Trainer:
             validation = self.validation.loss() if self._validation_due(done) else None
             log.step({"step": done, "epoch": round(self.plan.epoch_of(done), 4), "loss": loss, **self.part_rates(lr),
                       "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
-                      "overflow": int(result.overflow), "skipped_steps": skipped, "val_loss": validation},
+                      "overflow": int(result.overflow), "skipped_steps": skipped, "val_loss": validation,
+                      **({"loss_instance": float(np.mean([p[0] for p in parts])),
+                          "loss_prior": float(np.mean([p[1] for p in parts]))} if parts else {}),
+                      **({"lr_embeddings": lr_rows} if self.embeddings else {})},
                      write=done % self.cfg.log_interval == 0 or done == self.plan.total_steps or validation is not None)
             if validation is not None:
                 log.message(f"step {done}: validation loss {validation:.5f} ({self.validation.images} held-out images)")
@@ -356,6 +429,17 @@ class Trainer:
             paths.append(path)
         atomic_write_text(self.output / "validation" / "prompts.txt", "\n".join(prompts) + "\n")
         return paths
+
+
+def check_placeholders_used(cfg: TrainConfig, captions: list[str]) -> None:
+    """Every placeholder token must appear in some caption (or the templates put them there), or it never trains."""
+    if cfg.use_template:
+        return
+    unused = [t for t in cfg.placeholder_tokens if not any(t in c for c in captions)]
+    if unused:
+        raise ConfigError(f"placeholder_tokens {unused} appear in no caption of {cfg.data_path} (e.g. "
+                          f"'{captions[0][:60]}'), so their embeddings would never train: put them in the captions "
+                          f"or instance_prompt (e.g. 'a photo of {unused[0]} dog'), or set use_template: object")
 
 
 def training_schedule(cfg: TrainConfig, model_config: ModelConfig) -> NoiseSchedule:

@@ -9,6 +9,7 @@ exactly as without a cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from msd_lora.data.loader import BatchMaker, HostBatch, Prefetcher
 from msd_lora.data.transforms import crop_box
 from msd_lora.diffusion.losses import LossOptions
 from msd_lora.diffusion.schedule import NoiseSchedule
+from msd_lora.embeddings.tokens import TEMPLATES
 from msd_lora.files.atomic import atomic_write_text
 from msd_lora.files.plain import sha256_of
 from msd_lora.held_out import HeldOut, split_items
@@ -35,6 +37,7 @@ from msd_lora.models.pretrained import PretrainedModel
 from msd_lora.tokenizer import TOKEN_LENGTHS, PromptTokenizer, cache_root
 
 NOISE_STREAM = 0x5EED  # keeps the noise stream apart from the data-order stream [seed, epoch]
+PRIOR_SEED_OFFSET = 0x0C1A55  # the class images' order, crops and noise: a seed of their own
 
 
 @dataclass(frozen=True)
@@ -59,19 +62,23 @@ class RunData:
     seed: int
     workers: int
     held_out: HeldOut | None = None  # images for the validation loss
+    prior: PriorData | None = None  # DreamBooth's class images, trained beside the instance images
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, pretrained: PretrainedModel) -> RunData:
         """Reads the dataset (checked, bucketed) and, for the caches, the identities of the frozen networks' weights
         (before a backend takes them)."""
         buckets = bucket_settings(cfg, pretrained.configs)
+        subject = " ".join(cfg.placeholder_tokens)
+        instance_prompt = cfg.instance_prompt or (subject if cfg.use_template else "")
         dataset = CaptionedImageDataset(
             cfg.data_path, cfg.image_size, random_crop=cfg.random_crop, flip=cfg.flip, caption_column=cfg.caption_column,
-            dataset_type=cfg.dataset_type, caption_extension=cfg.caption_extension, instance_prompt=cfg.instance_prompt,
+            dataset_type=cfg.dataset_type, caption_extension=cfg.caption_extension, instance_prompt=instance_prompt,
             buckets=buckets, min_image_size=cfg.min_image_size)
         captions = CaptionOptions(dropout_rate=cfg.caption_dropout_rate, shuffle=cfg.shuffle_caption,
                                   keep_tokens=cfg.keep_tokens, separator=cfg.caption_separator,
-                                  prefix=cfg.caption_prefix, suffix=cfg.caption_suffix)
+                                  prefix=cfg.caption_prefix, suffix=cfg.caption_suffix,
+                                  templates=TEMPLATES[cfg.use_template] if cfg.use_template else (), subject=subject)
         folder = (cfg.cache_dir or str(cache_root() / "features")) if cfg.cache_to_disk else None
         caches = CacheSettings(
             latents=cfg.cache_latents, text=cfg.cache_text_embeddings, folder=folder,
@@ -87,13 +94,20 @@ class RunData:
                 min_image_size=cfg.min_image_size)
             held_out = HeldOut(other, list(range(len(other))), cfg.train_batch_size, captions, cfg.seed)
         order = BatchOrder(dataset.groups(set(training)), cfg.train_batch_size, cfg.seed)
+        prior = PriorData.from_config(cfg) if cfg.with_prior_preservation else None
         return cls(dataset, order, captions, PromptTokenizer(pretrained.tokenizer_dir, cfg.max_token_length), caches,
-                   buckets, cfg.seed, cfg.dataloader_num_workers, held_out)
+                   buckets, cfg.seed, cfg.dataloader_num_workers, held_out, prior)
 
     def inputs(self, backend: Backend, info: ModelInfo, schedule: NoiseSchedule, loss: LossOptions = LossOptions(),
-               dropout: bool = False) -> TrainingInputs:
-        return TrainingInputs(self.dataset, self.order, self.captions, self.tokenizer, backend, info, schedule,
-                              self.seed, self.workers, self.caches, loss, dropout)
+               dropout: bool = False) -> TrainingInputs | PairedInputs:
+        instance = TrainingInputs(self.dataset, self.order, self.captions, self.tokenizer, backend, info, schedule,
+                                  self.seed, self.workers, self.caches, loss, dropout)
+        if self.prior is None:
+            return instance
+        prior = self.prior
+        classes = TrainingInputs(prior.dataset, prior.order, CaptionOptions(), self.tokenizer, backend, info, schedule,
+                                 prior.order.seed, self.workers, self.caches, loss)
+        return PairedInputs(instance, classes, prior.weight)
 
     def truncation_notes(self) -> list[str]:
         """A warning when captions are longer than max_token_length (they are truncated)."""
@@ -114,6 +128,11 @@ class RunData:
         lines = [f"dataset: {listing.kind} ({listing.listed_in}), {len(self.dataset)} images, "
                  f"{self.order.num_items} per epoch with repeats, {self.order.steps_per_epoch} batches of "
                  f"{self.order.batch_size} per epoch"]
+        if self.prior is not None:
+            classes = self.prior.dataset
+            lines.append(f"prior preservation: {len(classes)} class images ({classes.listing.kind}, "
+                         f"{classes.listing.listed_in}), {self.order.batch_size} beside each batch, loss weight "
+                         f"{self.prior.weight:g}")
         if self.held_out is not None:
             where = "of them held out" if self.held_out.dataset is self.dataset else \
                 f"from {self.held_out.dataset.data_path}"
@@ -131,6 +150,65 @@ class RunData:
                              for (w, h), (n, r) in self.dataset.bucket_counts().items()]}
         atomic_write_text(path, json.dumps(table, indent=2) + "\n")
         return path
+
+
+@dataclass(frozen=True)
+class PriorData:
+    """DreamBooth's class images (prior preservation) and their own batch order."""
+
+    dataset: CaptionedImageDataset
+    order: BatchOrder
+    weight: float  # prior_loss_weight
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> PriorData:
+        dataset = CaptionedImageDataset(cfg.class_data_dir, cfg.image_size, random_crop=cfg.random_crop, flip=cfg.flip,
+                                        caption_column=cfg.caption_column, caption_extension=cfg.caption_extension,
+                                        instance_prompt=cfg.class_prompt, min_image_size=cfg.min_image_size)
+        return cls(dataset, BatchOrder(dataset.groups(), cfg.train_batch_size, cfg.seed + PRIOR_SEED_OFFSET),
+                   cfg.prior_loss_weight)
+
+
+class PairedInputs:
+    """DreamBooth with prior preservation: each step's batch is the instance batch followed by as many class images
+    (their own order, crops and noise), with per-sample loss weights 2 and 2 x prior_loss_weight, so the mean over
+    the batch is  mean(instance losses) + prior_loss_weight x mean(class losses)  (diffusers' and mindone's loss)."""
+
+    def __init__(self, instance: TrainingInputs, classes: TrainingInputs, weight: float):
+        self.instance, self.classes, self.weight = instance, classes, weight
+        self.caches = instance.caches
+
+    def __call__(self, micro_step: int) -> StepBatch:
+        a, b = self.instance(micro_step), self.classes(micro_step)
+        weights = np.concatenate([_weights(a) * 2.0, _weights(b) * (2.0 * self.weight)]).astype(np.float32)
+        joined = {f.name: _joined(getattr(a, f.name), getattr(b, f.name))
+                  for f in dataclasses.fields(StepBatch) if f.name not in ("loss_weights", "dropout_seed")}
+        return StepBatch(**joined, loss_weights=weights, dropout_seed=a.dropout_seed)
+
+    def split_losses(self, sample_losses: np.ndarray) -> tuple[float, float]:
+        """(instance loss, class loss) of a step's per-sample weighted losses: each its half's mean, unweighted."""
+        n = len(sample_losses) // 2
+        return float(sample_losses[:n].mean() / 2.0), float(sample_losses[n:].mean() / (2.0 * self.weight))
+
+    def fill_caches(self, progress) -> dict[str, tuple[int, int]]:
+        report = self.instance.fill_caches(progress)
+        for cache, (reused, computed) in self.classes.fill_caches(progress).items():
+            report[f"class {cache}"] = (reused, computed)
+        return report
+
+    def close(self) -> None:
+        self.instance.close()
+        self.classes.close()
+
+
+def _weights(batch: StepBatch) -> np.ndarray:
+    return np.ones(len(batch.timesteps), np.float32) if batch.loss_weights is None else batch.loss_weights
+
+
+def _joined(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """Two batches' values of one StepBatch field, instance rows first; None where both halves leave it out (both
+    come from the same loss options, so an optional field is set on both or on neither)."""
+    return None if a is None and b is None else np.concatenate([a, b])
 
 
 def bucket_settings(cfg: TrainConfig, configs: dict[str, dict]) -> BucketSettings | None:

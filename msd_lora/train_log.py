@@ -8,7 +8,7 @@ from pathlib import Path
 from msd_lora.output_folder import open_for_writing
 
 COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "overflow", "skipped_steps", "elapsed_s",
-           "lr_text_encoder", "val_loss"]
+           "lr_text_encoder", "val_loss", "loss_instance", "loss_prior", "lr_embeddings"]
 
 
 class TrainLog:
@@ -47,7 +47,8 @@ class TrainLog:
         self.writer.writerow(row)
         self.file.flush()
         if self.tensorboard is not None:
-            for key in ("loss", "lr", "lr_text_encoder", "loss_scale", "skipped_steps"):
+            for key in ("loss", "lr", "lr_text_encoder", "loss_scale", "skipped_steps", "loss_instance", "loss_prior",
+                        "lr_embeddings"):
                 if row.get(key) is not None:
                     self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
             if row.get("val_loss") is not None:

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     index = module_index(args.base, args.model_config)
     lora = read_lora(args.input, index)
     dtype = {"fp16": "float16", "fp32": "float32"}.get(args.dtype)
-    out = write_lora(args.output, lora.weights, args.to, index, base_model=args.base, dtype=dtype)
+    out = write_lora(args.output, lora.weights, args.to, index, base_model=args.base, dtype=dtype,
+                     embeddings=lora.embeddings)  # bundled embeddings go along unchanged
     print(f"wrote {out}: {len(lora.weights)} layers, {lora.format} -> {args.to}")
     return 0
 

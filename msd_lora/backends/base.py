@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from msd_lora.checkpoint import TrainingState, check_training_state
+from msd_lora.embeddings.tokens import ROWS_KEY, TOKEN_TABLE
 from msd_lora.errors import ConfigError
 from msd_lora.lora.core import LoraWeights, check_lora_fits, to_tensors
 from msd_lora.lora.spec import LoraSpec
@@ -77,6 +78,8 @@ class OptimizerSettings:
     d_coef: float = 1.0  # prodigy
     use_bias_correction: bool = False  # prodigy
     safeguard_warmup: bool = False  # prodigy
+    rows_weight_decay: float = 0.0  # added token rows (textual inversion): weight_decay_ti
+    rows_norm_decay: bool = False  # added token rows: lora_pti's clip_ti_decay after each update
 
     @classmethod
     def from_config(cls, cfg) -> OptimizerSettings:
@@ -86,7 +89,8 @@ class OptimizerSettings:
                    scale_window=cfg.scale_window, use_ema=cfg.use_ema, ema_decay=cfg.ema_decay,
                    lr_scales=learning_rate_scales(cfg), optimizer=cfg.optim, d_coef=cfg.prodigy_d_coef,
                    use_bias_correction=cfg.prodigy_use_bias_correction,
-                   safeguard_warmup=cfg.prodigy_safeguard_warmup)
+                   safeguard_warmup=cfg.prodigy_safeguard_warmup, rows_weight_decay=cfg.weight_decay_ti,
+                   rows_norm_decay=cfg.clip_ti_decay)
 
     def lr_scale(self, key: str) -> float:
         """The learning-rate multiplier of a LoRA tensor ('<component>.<module>...')."""
@@ -141,6 +145,7 @@ class StepResult:
     overflow: bool  # gradients were not finite: the update was skipped
     grad_norm: float | None  # global norm before clipping (on update steps)
     loss_scale: float
+    sample_losses: np.ndarray | None = None  # (B,) each sample's weighted loss w_b * L_b; `loss` is their mean
 
 
 class Backend(ABC):
@@ -156,6 +161,7 @@ class Backend(ABC):
         self.prediction_type = "epsilon"
         self.alphas: dict[str, float] = {}  # LoRA layer key -> its alpha
         self.trains_text_encoder = False  # set by add_lora: then a StepBatch carries token ids, not a context
+        self.trains_token_rows = False  # set by add_token_rows(trainable=True)
 
     # --- model -------------------------------------------------------------------------------
     def load_model(self, model: PretrainedModel, prediction_type: str) -> ModelInfo:
@@ -237,13 +243,49 @@ class Backend(ABC):
     def _write_lora_weights(self, weights: LoraWeights) -> None:
         """Copy checked weights into the LoRA layers."""
 
+    # --- added token rows (textual inversion) ----------------------------------------------------
+    def add_token_rows(self, rows: np.ndarray, trainable: bool = False) -> int:
+        """Append `rows` (N, width) to the text encoder's token-embedding table, after its base vocabulary (once per
+        backend); returns the id of the first. Trainable rows train beside the LoRA at their own learning rate
+        (`train_step`'s `lr_rows`): the text encoder then runs inside the train step. Call before
+        `configure_training`."""
+        vocab, width = self.base_shapes()[TOKEN_TABLE]
+        if rows.ndim != 2 or rows.shape[1] != width:
+            raise ValueError(f"token rows must be (N, {width}), got {rows.shape}")
+        if trainable:
+            self.trains_token_rows = self.trains_text_encoder = True
+        self._extend_token_table(np.ascontiguousarray(rows, np.float32), trainable)
+        return int(vocab)
+
+    @abstractmethod
+    def _extend_token_table(self, rows: np.ndarray, trainable: bool) -> None:
+        """Put the text encoder's token embedding behind one that appends `rows` (a parameter, trainable or not); a
+        graph backend rebuilds its graphs (the text encoder may run inside the train step now)."""
+
+    @abstractmethod
+    def token_rows(self) -> np.ndarray | None:
+        """The added rows (N, width), None when none were added."""
+
+    @abstractmethod
+    def set_token_rows(self, rows: np.ndarray) -> None: ...
+
+    def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every trained tensor's shape by key: the LoRA's, and the added token rows (`ROWS_KEY`) when they train."""
+        shapes = {k: v.shape for k, v in to_tensors(self.lora_weights()).items()}
+        if self.trains_token_rows:
+            shapes[ROWS_KEY] = self.token_rows().shape
+        return shapes
+
     # --- training ----------------------------------------------------------------------------
     @abstractmethod
     def configure_training(self, settings: OptimizerSettings) -> None: ...
 
     @abstractmethod
-    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
-        """Forward/backward one micro-batch; apply the optimizer when `update` (after `accumulation` micro-batches)."""
+    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int,
+                   lr_rows: float = 0.0) -> StepResult:
+        """Forward/backward one micro-batch; apply the optimizer when `update` (after `accumulation` micro-batches):
+        the LoRA at `lr` (times each part's scale), trainable token rows at `lr_rows` (with the norm decay after the
+        update when the settings ask for it and `lr_rows` > 0)."""
 
     @abstractmethod
     def enable_gradient_checkpointing(self) -> None:
@@ -266,8 +308,8 @@ class Backend(ABC):
     def load_training_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any],
                             source: str = "resume state") -> None:
         """Restore `training_state()` output (possibly the other backend's), checked against this model's LoRA."""
-        shapes = {k: v.shape for k, v in to_tensors(self.lora_weights()).items()}
-        self._restore_training_state(check_training_state(arrays, scalars, shapes, self.optimizer_name, source))
+        self._restore_training_state(check_training_state(arrays, scalars, self.trainable_shapes(), self.optimizer_name,
+                                                          source))
 
     @property
     def optimizer_name(self) -> str:

@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA file (diffusers, kohya/A1111, mindone; detected); repeat to mix several")
     p.add_argument("--lora_scale", action="append", default=[],
                    help="strength per LoRA file (default 1.0); W' = W + scale * alpha/r * B@A")
+    p.add_argument("--embedding_path", action="append", default=[],
+                   help="textual-inversion embedding (A1111 / kohya emb_params or .pt, diffusers learned_embeds); "
+                        "repeat for several. Embeddings bundled in a --lora_ckpt_path file load too")
+    p.add_argument("--embedding_token", action="append", default=[],
+                   help="the word a prompt uses for the embedding of the same position (default: the name the file "
+                        "records, else its file name)")
     add_sampling_arguments(p)
     p.add_argument("--grid_scale", type=int, default=1, help="nearest-neighbour upscale of the grids (tiny models)")
     p.add_argument("--output_path", default="output/samples_run")
@@ -114,6 +120,20 @@ def lora_pairs(args: argparse.Namespace) -> list[tuple[str, float]]:
     return list(zip(paths, scales))
 
 
+def embedding_files(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(path, token or None) of each --embedding_path, checked to exist before the model loads."""
+    from msd_lora.errors import MissingPathError
+
+    paths, tokens = args.embedding_path, args.embedding_token
+    if len(tokens) > len(paths) or (tokens and len(tokens) != len(paths)):
+        raise ConfigError(f"{len(tokens)} --embedding_token values for {len(paths)} --embedding_path values: give one "
+                          f"per file, in the same order")
+    for path in paths:
+        if not Path(path).is_file():
+            raise MissingPathError(f"--embedding_path {path} does not exist")
+    return list(zip(paths, tokens or [None] * len(paths)))
+
+
 @exits_on_user_error
 def main(argv: list[str]) -> int:
     from msd_lora import sample
@@ -122,6 +142,7 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     options, prompts, loras = sampling_options(args), read_prompts(args), lora_pairs(args)
+    embeddings = embedding_files(args)
     folder = OutputFolder(args.output_path, sample.SAMPLE_OUTPUTS, "sampling run",
                           overwrite=bool(flag_bool(args.overwrite, "--overwrite")))
     folder.check()
@@ -130,6 +151,8 @@ def main(argv: list[str]) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     pipeline.check(options)
+    for name in sample.load_embeddings(pipeline, embeddings, [path for path, _ in loras]):
+        print(f"embedding {name} loaded", file=sys.stderr)
     if loras:
         sample.merge_loras(pipeline.backend, sample.read_lora_files(loras, pipeline.module_index))
         for note in sample.follow_lora_training(pipeline, [path for path, _ in loras]):

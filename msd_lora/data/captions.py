@@ -22,6 +22,8 @@ class CaptionOptions:
     separator: str = ","
     prefix: str = ""  # joined with a space, before shuffling (so keep_tokens can keep it first)
     suffix: str = ""
+    templates: tuple[str, ...] = ()  # use_template: each step's caption is one of these around `subject`
+    subject: str = ""
 
     def fixed(self, caption: str) -> str:
         """The caption with prefix and suffix, before any random change."""
@@ -30,6 +32,8 @@ class CaptionOptions:
 
     def apply(self, caption: str, rng: np.random.Generator | None) -> str:
         """The caption trained on at one step."""
+        if self.templates and rng is not None:
+            caption = self.templates[int(rng.integers(len(self.templates)))].format(self.subject)
         text = self.fixed(caption)
         if self.dropout_rate > 0 and rng is not None and rng.random() < self.dropout_rate:
             return ""

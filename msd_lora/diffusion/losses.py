@@ -185,11 +185,15 @@ def loss_inputs(loss_weights: np.ndarray, huber_c: np.ndarray) -> tuple[np.ndarr
             squared.reshape(shape))
 
 
-def weighted_loss(pred: Any, target: Any, weights: Any, thresholds: Any, squared: Any) -> Any:
-    """mean_b w_b * mean_(C,h,w) l(pred - target; c_b) from `loss_inputs`'s arrays as the backend's tensors; any array
-    type (only operators, `reshape` and `mean`)."""
+def sample_losses(pred: Any, target: Any, weights: Any, thresholds: Any, squared: Any) -> Any:
+    """w_b * mean_(C,h,w) l(pred - target; c_b) per sample b, from `loss_inputs`'s arrays as the backend's tensors;
+    any array type (only operators, `reshape` and `mean`). The training loss is their mean (`weighted_loss`)."""
     d2 = (pred - target) ** 2
     huber = 2.0 * thresholds * ((d2 + thresholds * thresholds) ** 0.5 - thresholds)
     elementwise = squared * d2 + (1.0 - squared) * huber
-    per_sample = (weights * elementwise).reshape(elementwise.shape[0], -1).mean(-1)
-    return per_sample.mean()
+    return (weights * elementwise).reshape(elementwise.shape[0], -1).mean(-1)
+
+
+def weighted_loss(pred: Any, target: Any, weights: Any, thresholds: Any, squared: Any) -> Any:
+    """mean_b w_b * mean_(C,h,w) l(pred - target; c_b): the mean of `sample_losses`."""
+    return sample_losses(pred, target, weights, thresholds, squared).mean()

@@ -8,6 +8,17 @@ from __future__ import annotations
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 30),
+}
+
 POSITIONS = {  # name -> (x, y) centre as a fraction of the image side
     "center": (0.5, 0.5),
     "left": (0.28, 0.5),
@@ -49,3 +60,34 @@ def sepia(img: np.ndarray) -> np.ndarray:
     """The demo LoRA's target style: luminance re-tinted brown, a palette the base model never saw."""
     grey = img.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
     return (grey[..., None] * SEPIA + np.asarray([40, 20, 0], np.float32)).round().clip(0, 255).astype(np.uint8)
+
+
+# The DreamBooth example's subject: a circle in a colour pretraining never showed ("sks circle")
+SUBJECT_COLOUR = np.asarray([40, 215, 215], np.float32)  # cyan
+SUBJECT_SHAPE = "circle"
+
+
+def render_subject(size: int, background: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """One instance picture of the subject: a cyan circle at a jittered place and size on `background`."""
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = background
+    cx, cy = rng.uniform(0.4, 0.6, 2) * size
+    img[shape_mask(SUBJECT_SHAPE, size, cx, cy, size * rng.uniform(0.2, 0.28))] = SUBJECT_COLOUR
+    return img.round().clip(0, 255).astype(np.uint8)
+
+
+def foreground_colour(img: np.ndarray) -> np.ndarray | None:
+    """The mean RGB of a picture's foreground (`content.foreground`), None when nothing stands out."""
+    from msd_lora.eval.content import foreground
+
+    mask = foreground(img)
+    return None if mask is None else img.reshape(-1, 3)[mask.reshape(-1)].astype(np.float32).mean(0)
+
+
+def shows_subject_colour(img: np.ndarray) -> bool:
+    """Whether the foreground's colour is nearer the subject's cyan than every colour of the world's palette."""
+    colour = foreground_colour(img)
+    if colour is None:
+        return False
+    palette = np.asarray(list(COLOURS.values()), np.float32)
+    return bool(((colour - SUBJECT_COLOUR) ** 2).sum() < ((palette - colour) ** 2).sum(1).min())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msd_lora.embeddings.files import split_bundled
 from msd_lora.errors import LoraFormatError, MissingPathError, TensorFileError
 from msd_lora.files.tensor_file import read_tensor_file, write_tensor_file
 from msd_lora.lora import format_diffusers, format_kohya, format_mindone
@@ -35,6 +36,7 @@ class LoraFile:
     weights: LoraWeights
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = "diffusers"  # one of FORMATS
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # bundled embeddings' tensors (bundle_emb.*)
 
     @property
     def step(self) -> int | None:
@@ -84,8 +86,8 @@ def read_lora(path: str | Path, index: ModuleIndex | None = None, fmt: str | Non
         file = read_tensor_file(path)
     except TensorFileError as err:
         raise LoraFormatError(f"LoRA file {err}") from err
-    keys = sorted(file.tensors)
-    file.tensors = {k: np.array(v) for k, v in file.tensors.items()}  # in memory, writable: the file may change
+    tensors, bundled = split_bundled({k: np.array(v) for k, v in file.tensors.items()})  # in memory, writable
+    file.tensors, keys = tensors, sorted(tensors)
     fmt = fmt or detect_format(keys)
     if fmt is None:
         raise _not_a_lora(path, keys)
@@ -102,13 +104,14 @@ def read_lora(path: str | Path, index: ModuleIndex | None = None, fmt: str | Non
         weights = format_mindone.read_mindone(file.tensors, index, str(path))
     if not weights:
         raise LoraFormatError(f"{path} holds no LoRA layers")
-    return LoraFile(weights=weights, metadata=file.metadata, format=fmt)
+    return LoraFile(weights=weights, metadata=file.metadata, format=fmt, embeddings=bundled)
 
 
 def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "diffusers", index: ModuleIndex | None = None,
                base_model: str = "", dtype: str | None = None, extra: dict[str, str] | None = None,
-               step: int | None = None) -> Path:
+               step: int | None = None, embeddings: dict[str, np.ndarray] | None = None) -> Path:
     """Write `weights` in format `fmt` (atomically). diffusers/kohya keep alpha; the others fold it into B.
+    `embeddings` (bundled embeddings' tensors, `embeddings.files.bundle_tensors`) go along in the safetensors formats.
 
     The canonical (diffusers) file is float32 unless `dtype` says otherwise, with msd-lora's metadata
     (`msd_lora.lora.metadata`); `step` records how long the LoRA was trained."""
@@ -119,17 +122,21 @@ def write_lora(path: str | Path, weights: LoraWeights, fmt: str = "diffusers", i
     if fmt == "mindone":
         if path.suffix != ".ckpt":
             raise LoraFormatError(f"{path}: mindone LoRA files are MindSpore checkpoints; name the output *.ckpt")
+        if embeddings:
+            raise LoraFormatError(f"{path}: mindone's LoRA format holds no embeddings; write them apart "
+                                  f"(embeddings/*.safetensors) or convert to a safetensors format")
         tensors = format_mindone.write_mindone(weights, index or ModuleIndex.stable_diffusion())
         return write_tensor_file(path, tensors, container="mindspore", dtype=dtype)
     if path.suffix != ".safetensors":
         raise LoraFormatError(f"{path}: {fmt} LoRA files are written as .safetensors")
     if fmt == "diffusers":
-        tensors = to_tensors(weights)
+        tensors = {**to_tensors(weights), **(embeddings or {})}
         metadata = build_metadata(weights, base_model, step, extra)
         return write_tensor_file(path, tensors, metadata, dtype=dtype or "float32")
     if fmt == "kohya":
         tensors, metadata = format_kohya.write_kohya(weights, dtype)
         metadata.update(ours)
-        return write_tensor_file(path, tensors, metadata)
-    return write_tensor_file(path, format_diffusers.write_old(weights), {"format": "pt", **ours}, dtype=dtype)
+        return write_tensor_file(path, {**tensors, **(embeddings or {})}, metadata)
+    return write_tensor_file(path, {**format_diffusers.write_old(weights), **(embeddings or {})},
+                             {"format": "pt", **ours}, dtype=dtype)
 

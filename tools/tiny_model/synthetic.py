@@ -7,21 +7,12 @@ numpy and deterministic given a seed, so the tiny model and its datasets regener
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from msd_lora.eval.tiny_world import POSITION_PHRASES, POSITIONS, SHAPES, shape_mask
+from msd_lora.eval.tiny_world import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, shape_mask
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (240, 220, 40),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-    "purple": (140, 50, 180),
-    "orange": (245, 140, 30),
-}
 STYLE_TOKEN = "sks"
 
 
@@ -120,3 +111,22 @@ def describe_colours(img: np.ndarray) -> tuple[str, str]:
     pixels = img.reshape(-1, 3)
     far = pixels[distance >= 0.5 * distance.max()]
     return nearest_colour(np.median(far, axis=0)), nearest_colour(background)
+
+
+def write_subject_images(folder, count: int = 8, size: int = 32, seed: int = 7) -> None:
+    """The DreamBooth example's instance pictures (`tiny_world.render_subject`: a cyan circle on black) as PNGs."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from msd_lora.eval.tiny_world import render_subject
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(render_subject(size, COLOURS["black"], rng)).save(folder / f"sks-{i}.png")
+
+
+if __name__ == "__main__":  # python -m tools.tiny_model.synthetic: rewrites msd_lora/assets/tiny_dreambooth
+    write_subject_images(Path(__file__).resolve().parents[2] / "msd_lora/assets/tiny_dreambooth")

@@ -12,12 +12,14 @@ from mindspore import Tensor, nn, ops
 
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, StepResult
 from msd_lora.backends.mindspore import lora as ms_lora
+from msd_lora.backends.mindspore import token_rows as ms_rows
 from msd_lora.backends.mindspore.context import configure_context, import_mindone_quietly
 from msd_lora.backends.mindspore.kernels import apply_dynamic_shape_substitutes
 from msd_lora.backends.mindspore.models import build_networks, load_state, named_parameters
 from msd_lora.backends.mindspore.optim import export_state, import_state
 from msd_lora.backends.mindspore.step import DiffusionLoss, EncodeMoments, FlatLayout, TextStates, TrainStep
 from msd_lora.checkpoint import TrainingState
+from msd_lora.embeddings.tokens import ROWS_KEY, decay_strength
 from msd_lora.lora.core import DOWN, MAGNITUDE, UP, LoraWeights, magnitude_from_peft, to_tensors
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
@@ -64,6 +66,7 @@ class MindSporeBackend(Backend):
         self.lora_cells: dict[str, ms_lora.LoraCell] = {}
         self.dropout_seed: ms.Parameter | None = None  # read by every LoRA cell, assigned by the train step's graph
         self.step: TrainStep | None = None
+        self.extended: ms_rows.ExtendedEmbedding | None = None  # the token embedding with added rows
         self.dynamic_shapes = options.dynamic_shapes and self.compiles_graphs
         if self.dynamic_shapes:  # before any graph is compiled: compiled graphs keep the ops they were built with
             apply_dynamic_shape_substitutes()
@@ -140,10 +143,25 @@ class MindSporeBackend(Backend):
     def _write_lora_weights(self, weights: LoraWeights) -> None:
         ms_lora.write_weights(self.lora_cells, weights)
 
+    def trained_tensors(self) -> dict[str, np.ndarray]:
+        """Every trained tensor's values by key: the LoRA's, and the added token rows when they train."""
+        return {**to_tensors(self.lora_weights()), **({ROWS_KEY: self.token_rows()} if self.trains_token_rows else {})}
+
+    # --- added token rows --------------------------------------------------------------------
+    def _extend_token_table(self, rows: np.ndarray, trainable: bool) -> None:
+        self.extended = ms_rows.extend(self.text_encoder, rows, trainable)
+        self._build_graphs()  # graphs built before would keep the old table
+
+    def token_rows(self) -> np.ndarray | None:
+        return None if self.extended is None else ms_rows.read_rows(self.extended)
+
+    def set_token_rows(self, rows: np.ndarray) -> None:
+        ms_rows.write_rows(self.extended, rows)
+
     # --- training ----------------------------------------------------------------------------
     def configure_training(self, settings: OptimizerSettings) -> None:
         self.settings = settings
-        items = self.lora_items()
+        items = self.lora_items() + ([(ROWS_KEY, self.extended.rows)] if self.trains_token_rows else [])
         layout = FlatLayout(names=tuple(k for k, _ in items), shapes=tuple(tuple(p.shape) for _, p in items))
         self.step = TrainStep(self.loss, [p for _, p in items], layout, settings, self.dropout_seed)
 
@@ -158,23 +176,27 @@ class MindSporeBackend(Backend):
                 Tensor(weights), Tensor(thresholds), Tensor(squared))
 
     def step_arguments(self, batch: StepBatch, lr: float, update: bool, accumulation: int,
-                       dropout_seed: int) -> tuple[Tensor, ...]:
+                       dropout_seed: int, lr_rows: float = 0.0) -> tuple[Tensor, ...]:
         """The train step graph's arguments (declared dynamic before its first call where buckets need it)."""
-        args = (Tensor(1.0 / accumulation, ms.float32), Tensor(lr, ms.float32), Tensor(update, ms.bool_),
-                Tensor(dropout_seed, ms.int64), *self.step_inputs(batch))
-        self._declare_dynamic(self.step, args, spatial=(4, 5, 6, 8, 9))  # mean, std, posterior noise, both noises
+        decay = decay_strength(lr_rows, self.settings.rows_norm_decay) if update else 0.0
+        args = (Tensor(1.0 / accumulation, ms.float32), Tensor(lr, ms.float32), Tensor(lr_rows, ms.float32),
+                Tensor(decay, ms.float32), Tensor(update, ms.bool_), Tensor(dropout_seed, ms.int64),
+                *self.step_inputs(batch))
+        self._declare_dynamic(self.step, args, spatial=(6, 7, 8, 10, 11))  # mean, std, posterior noise, both noises
         return args
 
-    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
-        args = self.step_arguments(batch, lr, update, accumulation, batch.dropout_seed)
+    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int,
+                   lr_rows: float = 0.0) -> StepResult:
+        args = self.step_arguments(batch, lr, update, accumulation, batch.dropout_seed, lr_rows)
         try:
-            loss, finite, norm, scale = self.step(*args)
+            loss, finite, norm, scale, samples = self.step(*args)
         finally:
             if self.dropout_seed is not None:  # the other graphs run without dropout
                 self.dropout_seed.set_data(Tensor(0, ms.int64))
         finite = bool(finite.asnumpy())
         return StepResult(loss=float(loss.asnumpy()), updated=update and finite, overflow=update and not finite,
-                          grad_norm=float(norm.asnumpy()) if update else None, loss_scale=float(scale.asnumpy()))
+                          grad_norm=float(norm.asnumpy()) if update else None, loss_scale=float(scale.asnumpy()),
+                          sample_losses=self.numpy(samples))
 
     def enable_gradient_checkpointing(self) -> None:
         """`Cell.recompute()` on every UNet ResNet and transformer block and text-encoder layer (mindone's own
@@ -191,7 +213,7 @@ class MindSporeBackend(Backend):
     def evaluate_loss(self, batch: StepBatch) -> float:
         inputs = self.step_inputs(batch)
         self._declare_dynamic(self.loss, inputs, spatial=(0, 1, 2, 4, 5))  # mean, std, posterior noise, both noises
-        return float(self.loss(*inputs).asnumpy())
+        return float(self.loss(*inputs).asnumpy().mean())
 
     def set_lora_enabled(self, enabled: bool) -> None:
         for cell in self.lora_cells.values():
@@ -211,7 +233,7 @@ class MindSporeBackend(Backend):
     def _restore_training_state(self, state: TrainingState) -> None:
         step, layout = self.step, self.step.layout
         import_state(step.optimizer, self.settings.optimizer, layout.names, layout.shapes, layout.join, state,
-                     layout.join(to_tensors(self.lora_weights())))
+                     layout.join(self.trained_tensors()))
         if step.use_ema:
             step.ema.set_data(Tensor(layout.join(state.ema if state.ema is not None else to_tensors(self.lora_weights()))))
         if bool(step.dynamic.asnumpy()) and state.loss_scale is not None:

@@ -43,7 +43,8 @@ def named_parameters(component: str, network: nn.Cell) -> dict[str, ms.Parameter
     """diffusers name -> parameter, for the network's own (non-LoRA) parameters; a LoRA cell's `.base.` is hidden
     (its own parameters carry their canonical key as name: `<key>.lora_A.weight`, `<key>.lora_enabled`, ...)."""
     return {diffusers_name(component, n.replace(".base.", ".")): p for n, p in network.parameters_and_names()
-            if not p.name.endswith((f".{DOWN}", f".{UP}", f".{MAGNITUDE}", ".lora_enabled", "lora_dropout_seed"))}
+            if not p.name.endswith((f".{DOWN}", f".{UP}", f".{MAGNITUDE}", ".lora_enabled", "lora_dropout_seed",
+                                                 "token_rows"))}
 
 
 def load_state(component: str, network: nn.Cell, state: dict[str, np.ndarray], source: str) -> None:

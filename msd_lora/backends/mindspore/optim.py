@@ -18,10 +18,12 @@ from mindspore import Parameter, Tensor, nn, ops
 
 
 class FlatAdamW(nn.Cell):
-    def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float):
+    def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float | np.ndarray):
+        """`weight_decay`: one rate, or one per element of the flat vector."""
         super().__init__(auto_prefix=False)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
-        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.eps = float(eps)
+        self.weight_decay = Tensor(weight_decay) if isinstance(weight_decay, np.ndarray) else float(weight_decay)
         self.exp_avg = Parameter(Tensor(np.zeros(size, np.float32)), name="optimizer.exp_avg", requires_grad=False)
         self.exp_avg_sq = Parameter(Tensor(np.zeros(size, np.float32)), name="optimizer.exp_avg_sq",
                                     requires_grad=False)

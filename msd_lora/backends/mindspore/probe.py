@@ -44,7 +44,7 @@ class MindSporeProbe:
         step.accum.set_data(Tensor(np.zeros_like(saved)))
         try:
             # the training graph itself (dynamic-shape where training declares it), no dropout, nothing updated
-            loss, _, _, scale = step(*self.backend.step_arguments(batch, 0.0, False, 1, 0))
+            loss, _, _, scale, _ = step(*self.backend.step_arguments(batch, 0.0, False, 1, 0))
             flat = step.accum.asnumpy() / float(scale.asnumpy())
         finally:
             step.accum.set_data(Tensor(saved))

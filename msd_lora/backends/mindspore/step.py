@@ -19,8 +19,9 @@ from mindspore import Parameter, ParameterTuple, Tensor, amp, mint, nn, ops
 
 from msd_lora.backends.base import OptimizerSettings
 from msd_lora.backends.mindspore.optim import FlatAdafactor, FlatAdamW, FlatProdigy
-from msd_lora.diffusion.losses import weighted_loss
+from msd_lora.diffusion.losses import sample_losses
 from msd_lora.diffusion.schedule import add_noise, training_target
+from msd_lora.embeddings.tokens import ROWS_KEY, decay_norms
 from msd_lora.optimizers import ADAFACTOR_CLIP_THRESHOLD, ADAFACTOR_DECAY_RATE, ADAFACTOR_EPS, PRODIGY_D0
 from msd_lora.tokenizer import join_chunks
 
@@ -43,6 +44,10 @@ class FlatLayout:
     def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         pieces = np.split(np.asarray(flat), np.cumsum(self.sizes)[:-1])
         return {n: p.reshape(s).copy() for n, p, s in zip(self.names, pieces, self.shapes)}
+
+    def mask(self, name: str) -> np.ndarray:
+        """1.0 where tensor `name` sits in the flat vector, else 0.0."""
+        return np.concatenate([np.full(size, float(n == name), np.float32) for n, size in zip(self.names, self.sizes)])
 
     def join(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([np.asarray(arrays[n], np.float32).reshape(-1) for n in self.names])
@@ -81,7 +86,8 @@ class TextStates(nn.Cell):
 
 
 class DiffusionLoss(nn.Cell):
-    """The weighted loss (`losses.weighted_loss`) between the UNet's prediction and the eps / v target. Latents are
+    """Each sample's weighted loss (`losses.sample_losses`; the training loss is their mean) between the UNet's
+    prediction and the eps / v target. Latents are
     sampled from the VAE posterior given as (mean, std); `text` is token ids run through the text encoder in the
     graph when it trains (`text_states` given), else the frozen encoder's output; the UNet's input is made with
     `input_noise`, the target with `noise`."""
@@ -99,7 +105,7 @@ class DiffusionLoss(nn.Cell):
         noisy = add_noise(latents, input_noise, sqrt_alpha, sqrt_one_minus)
         pred = self.unet(noisy, timesteps, context)[0].astype(ms.float32)
         target = training_target(latents, noise, sqrt_alpha, sqrt_one_minus, self.prediction_type)
-        return weighted_loss(pred, target, weights, thresholds, squared)
+        return sample_losses(pred, target, weights, thresholds, squared)
 
 
 def flat_optimizer(settings: OptimizerSettings, layout: FlatLayout, initial: np.ndarray) -> nn.Cell:
@@ -111,12 +117,19 @@ def flat_optimizer(settings: OptimizerSettings, layout: FlatLayout, initial: np.
     if settings.optimizer == "adafactor":
         return FlatAdafactor(layout.shapes, settings.weight_decay, ADAFACTOR_EPS[0], ADAFACTOR_DECAY_RATE,
                              ADAFACTOR_CLIP_THRESHOLD)
-    return FlatAdamW(layout.total, settings.betas, settings.eps, settings.weight_decay)
+    decay = settings.weight_decay
+    if ROWS_KEY in layout.names:  # added token rows decay at their own rate
+        decay = np.where(layout.mask(ROWS_KEY), settings.rows_weight_decay, settings.weight_decay).astype(np.float32)
+    return FlatAdamW(layout.total, settings.betas, settings.eps, decay)
 
 
 class TrainStep(nn.Cell):
-    """`step(inv_accumulation, lr, update, dropout_seed, *inputs) -> (loss, finite, grad_norm, loss_scale)` where
-    `loss(*inputs)` is the training loss (DiffusionLoss in training; any loss cell, e.g. in the benchmarks).
+    """`step(inv_accumulation, lr, lr_rows, rows_decay, update, dropout_seed, *inputs) -> (loss, finite, grad_norm,
+    loss_scale, sample_losses)` where `loss(*inputs)` gives the per-sample losses whose mean is the training loss
+    (DiffusionLoss in training; any loss cell, e.g. in the benchmarks, a scalar one too).
+
+    Added token rows (`ROWS_KEY` in the layout, last) train at `lr_rows` instead of `lr` and, after an applied update,
+    have their norms decayed by `rows_decay` (`embeddings.tokens.decay_norms`; 0 leaves them bit-identical).
 
     `dropout_seed` is assigned to the LoRA cells' shared seed parameter inside the graph. Set from the host with
     `set_data` between calls instead, the seed was not seen by the dynamic-shape (bucketed) train graph after its
@@ -138,6 +151,12 @@ class TrainStep(nn.Cell):
         scales = np.concatenate([np.full(size, settings.lr_scale(name), np.float32)
                                  for name, size in zip(layout.names, layout.sizes)])
         self.lr_scales = Tensor(scales) if (scales != 1.0).any() else None  # per-part learning rates
+        self.train_rows = ROWS_KEY in layout.names
+        if self.train_rows:
+            if layout.names[-1] != ROWS_KEY:
+                raise ValueError(f"{ROWS_KEY} must come last in the flat layout")
+            self.rows_mask = Tensor(layout.mask(ROWS_KEY))
+            self.rows_start, self.rows_shape = int(layout.total - layout.sizes[-1]), tuple(layout.shapes[-1])
         self.accum = Parameter(Tensor(np.zeros(layout.total, np.float32)), name="accum", requires_grad=False)
         self.use_ema = settings.use_ema
         initial = np.concatenate([p.asnumpy().reshape(-1) for p in lora_params]) if settings.use_ema else np.zeros(1)
@@ -151,16 +170,17 @@ class TrainStep(nn.Cell):
         self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.weights, has_aux=True)
 
     def _scaled_loss(self, weight, *inputs):
-        loss = self.loss(*inputs)
-        return loss * weight, loss
+        per_sample = self.loss(*inputs)
+        loss = per_sample.mean()
+        return loss * weight, loss, per_sample
 
-    def construct(self, inv_accumulation, lr, update, dropout_seed, *inputs):
+    def construct(self, inv_accumulation, lr, lr_rows, rows_decay, update, dropout_seed, *inputs):
         """`update` (a bool tensor, so one graph serves every micro-batch): apply the optimizer after this one.
         `inputs` are separate tensors (a tuple argument would be a graph constant, recompiled per call)."""
         if self.dropout_seed is not None:
             ops.assign(self.dropout_seed, dropout_seed)
         scale = self.loss_scale + 0.0
-        (scaled_loss, loss), grads = self.grad_fn(scale * inv_accumulation, *inputs)
+        (scaled_loss, loss, per_sample), grads = self.grad_fn(scale * inv_accumulation, *inputs)
         loss = ops.depend(loss, scaled_loss)  # keeps the graph free of a dangling output
         summed = self.accum + flatten(grads)
         ops.assign(self.accum, ops.select(update, ops.zeros_like(summed), summed))
@@ -172,12 +192,18 @@ class TrainStep(nn.Cell):
             grads = grads * ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
         if self.lr_scales is not None:
             lr = lr * self.lr_scales
+        if self.train_rows:
+            lr = lr * (1.0 - self.rows_mask) + lr_rows * self.rows_mask
         params = self.optimizer(flatten(self.weights), grads, lr, apply)
+        if self.train_rows:
+            rows = params[self.rows_start:].reshape(self.rows_shape)
+            strength = rows_decay * apply.astype(ms.float32)
+            params = ops.cat([params[:self.rows_start], decay_norms(rows, strength).reshape(-1)])
         if self.use_ema:
             ops.assign(self.ema, ops.select(apply, self.ema + (1.0 - self.ema_decay) * (params - self.ema), self.ema))
         self._write_weights(params)
         self._adjust_scale(update, finite)
-        return loss, finite, norm, scale
+        return loss, finite, norm, scale, per_sample
 
     def _write_weights(self, flat: Tensor) -> None:
         for param, start, end in zip(self.weights, self.starts, self.ends):

@@ -1,6 +1,7 @@
 """PyTorch reference backend: diffusers UNet/VAE, transformers CLIP text encoder, peft LoRA, AdamW."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from types import SimpleNamespace
 from typing import Any
@@ -10,11 +11,13 @@ import torch
 
 from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, StepResult
 from msd_lora.backends.torch import lora as torch_lora
+from msd_lora.backends.torch import token_rows as torch_rows
 from msd_lora.backends.torch.networks import build_network, resolve_device
 from msd_lora.backends.torch.optim import make_optimizer, optimizer_state, restore_optimizer_state
 from msd_lora.checkpoint import TrainingState
-from msd_lora.diffusion.losses import weighted_loss
+from msd_lora.diffusion.losses import sample_losses
 from msd_lora.diffusion.schedule import add_noise, training_target
+from msd_lora.embeddings.tokens import ROWS_KEY, decay_norms, decay_strength
 from msd_lora.lora.core import LoraWeights
 from msd_lora.lora.spec import LoraSpec
 from msd_lora.models.pretrained import PretrainedModel
@@ -42,6 +45,7 @@ class TorchBackend(Backend):
         self.scaler: torch.amp.GradScaler | None = None
         self.ema: list[torch.Tensor] | None = None
         self.dropout = SimpleNamespace(seed=0)  # the LoRA dropout masks' seed during a train step; 0: off
+        self.extended: torch_rows.ExtendedEmbedding | None = None  # the token embedding with added rows
 
     # --- model -------------------------------------------------------------------------------
     def _build_networks(self, model: PretrainedModel) -> None:
@@ -66,7 +70,7 @@ class TorchBackend(Backend):
         params = {}
         for component, model in self.components.items():
             for name, param in model.named_parameters():
-                if not torch_lora.is_lora_parameter(name):  # peft's down / up / DoRA magnitude
+                if not torch_lora.is_lora_parameter(name) and not name.endswith(f".{torch_rows.ROWS_PARAMETER}"):
                     params[f"{component}.{name.replace('.base_layer.', '.')}"] = param
         return params
 
@@ -103,6 +107,20 @@ class TorchBackend(Backend):
     def _write_lora_weights(self, weights: LoraWeights) -> None:
         torch_lora.write_weights(self.lora_params, weights)
 
+    # --- added token rows --------------------------------------------------------------------
+    def _extend_token_table(self, rows: np.ndarray, trainable: bool) -> None:
+        self.extended = torch_rows.extend(self.text_encoder, rows, trainable)
+
+    def token_rows(self) -> np.ndarray | None:
+        return None if self.extended is None else self._read(self.extended.rows)
+
+    def set_token_rows(self, rows: np.ndarray) -> None:
+        self._write(self.extended.rows, np.ascontiguousarray(rows, np.float32))
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Every trained parameter by key: the LoRA's, then the added token rows when they train."""
+        return {**self.lora_params, **({ROWS_KEY: self.extended.rows} if self.trains_token_rows else {})}
+
     # --- training ----------------------------------------------------------------------------
     def configure_training(self, settings: OptimizerSettings) -> None:
         self.settings = settings
@@ -110,7 +128,11 @@ class TorchBackend(Backend):
         groups: dict[float, list[torch.nn.Parameter]] = {}
         for key, param in self.lora_params.items():
             groups.setdefault(settings.lr_scale(key), []).append(param)
-        self.optimizer = make_optimizer([{"params": p, "lr_scale": scale} for scale, p in groups.items()], settings)
+        param_groups = [{"params": p, "lr_scale": scale} for scale, p in groups.items()]
+        if self.trains_token_rows:  # lr_scale None: the group's rate is the step's lr_rows
+            param_groups.append({"params": [self.extended.rows], "lr_scale": None,
+                                 "weight_decay": settings.rows_weight_decay})
+        self.optimizer = make_optimizer(param_groups, settings)
         if self.autocast_dtype == torch.float16 and settings.loss_scaler_type != "none":
             self.scaler = make_scaler(settings, self.device.type)
         self.ema = [p.detach().clone() for p in params] if settings.use_ema else None
@@ -146,25 +168,29 @@ class TorchBackend(Backend):
             noisy = add_noise(latents, b["input_noise"], b["a"], b["s"])
             pred = self.unet(noisy, b["t"], context).sample
         target = training_target(latents, b["noise"], b["a"], b["s"], self.prediction_type)
-        return weighted_loss(pred.float(), target.float(), b["weights"], b["thresholds"], b["squared"])
+        return sample_losses(pred.float(), target.float(), b["weights"], b["thresholds"], b["squared"])
 
-    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int) -> StepResult:
+    def train_step(self, batch: StepBatch, lr: float, update: bool, accumulation: int,
+                   lr_rows: float = 0.0) -> StepResult:
         self.dropout.seed = batch.dropout_seed
         try:
-            loss = self.loss(self.tensor_batch(batch))
+            per_sample = self.loss(self.tensor_batch(batch))
+            loss = per_sample.mean()
             scaled = loss / accumulation
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         finally:
             self.dropout.seed = 0
         scale = float(self.scaler.get_scale()) if self.scaler else 1.0
+        samples = self.numpy(per_sample)
         if not update:
-            return StepResult(loss=loss.item(), updated=False, overflow=False, grad_norm=None, loss_scale=scale)
-        return self._apply_update(loss.item(), lr, scale)
+            return StepResult(loss=loss.item(), updated=False, overflow=False, grad_norm=None, loss_scale=scale,
+                              sample_losses=samples)
+        return dataclasses.replace(self._apply_update(loss.item(), lr, scale, lr_rows), sample_losses=samples)
 
-    def _apply_update(self, loss: float, lr: float, scale: float) -> StepResult:
-        params = list(self.lora_params.values())
+    def _apply_update(self, loss: float, lr: float, scale: float, lr_rows: float = 0.0) -> StepResult:
+        params = list(self.trained_parameters().values())
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr_rows if group["lr_scale"] is None else lr * group["lr_scale"]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         limit = self.settings.max_grad_norm if self.settings.clip_grad else float("inf")
@@ -177,6 +203,10 @@ class TorchBackend(Backend):
         elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        strength = decay_strength(lr_rows, self.settings.rows_norm_decay)
+        if finite and self.trains_token_rows and strength:
+            with torch.no_grad():
+                self.extended.rows.copy_(decay_norms(self.extended.rows, strength))
         if finite and self.ema is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, [p.detach() for p in params], 1.0 - self.settings.ema_decay)
@@ -190,7 +220,7 @@ class TorchBackend(Backend):
 
     def evaluate_loss(self, batch: StepBatch) -> float:
         with torch.no_grad():
-            return self.loss(self.tensor_batch(batch)).item()
+            return self.loss(self.tensor_batch(batch)).mean().item()
 
     def set_lora_enabled(self, enabled: bool) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -201,7 +231,7 @@ class TorchBackend(Backend):
                     module.enable_adapters(enabled)
 
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays, scalars = optimizer_state(self.optimizer, self.lora_params, self.settings.optimizer)
+        arrays, scalars = optimizer_state(self.optimizer, self.trained_parameters(), self.settings.optimizer)
         if self.ema is not None:
             arrays.update({f"ema.{k}": e.float().cpu().numpy() for k, e in zip(self.lora_params, self.ema)})
         if self.scaler and self.settings.loss_scaler_type == "dynamic":
@@ -210,7 +240,7 @@ class TorchBackend(Backend):
         return arrays, scalars
 
     def _restore_training_state(self, state: TrainingState) -> None:
-        restore_optimizer_state(self.optimizer, self.lora_params, self.settings.optimizer, state, self.tensor)
+        restore_optimizer_state(self.optimizer, self.trained_parameters(), self.settings.optimizer, state, self.tensor)
         if self.ema is not None:
             self.ema = [self.tensor(state.ema[k]) if state.ema is not None else p.detach().clone()
                         for k, p in self.lora_params.items()]

@@ -1,0 +1,41 @@
+"""Rows appended to mindone's CLIP text encoder's token-embedding table, a parameter of the graph beside the frozen
+table (which never receives a gradient or an update, so its rows stay bit-identical whatever trains)."""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from msd_lora.embeddings.tokens import ROWS_PARAMETER
+
+
+class ExtendedEmbedding(nn.Cell):
+    """token ids -> vectors of `base`'s table followed by the added rows (ids from the table's size on)."""
+
+    def __init__(self, base: nn.Embedding, rows: np.ndarray, trainable: bool):
+        super().__init__(auto_prefix=False)
+        self.base = base
+        self.rows = Parameter(Tensor(np.ascontiguousarray(rows, np.float32)), name=ROWS_PARAMETER,
+                              requires_grad=trainable)
+
+    def construct(self, input_ids):
+        table = ops.cat([self.base.embedding_table, self.rows.astype(self.base.embedding_table.dtype)])
+        return ops.gather(table, input_ids, 0)
+
+
+def extend(text_encoder: nn.Cell, rows: np.ndarray, trainable: bool) -> ExtendedEmbedding:
+    """Put an ExtendedEmbedding with `rows` in place of the text encoder's token embedding."""
+    current = text_encoder.get_input_embeddings()
+    if isinstance(current, ExtendedEmbedding):
+        raise RuntimeError("the text encoder holds added token rows already")
+    extended = ExtendedEmbedding(current, rows, trainable)
+    text_encoder.set_input_embeddings(extended)
+    return extended
+
+
+def read_rows(cell: ExtendedEmbedding) -> np.ndarray:
+    return cell.rows.asnumpy().astype(np.float32)
+
+
+def write_rows(cell: ExtendedEmbedding, rows: np.ndarray) -> None:
+    cell.rows.set_data(Tensor(np.ascontiguousarray(rows, np.float32), ms.float32))

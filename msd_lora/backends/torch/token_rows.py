@@ -1,0 +1,36 @@
+"""Rows appended to a transformers CLIP text encoder's token-embedding table, held apart from the frozen table: the
+table itself never receives a gradient or an update, so its rows stay bit-identical whatever trains."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from msd_lora.embeddings.tokens import ROWS_PARAMETER
+
+
+class ExtendedEmbedding(torch.nn.Module):
+    """token ids -> vectors of `base_layer`'s table followed by the added rows (ids from the table's size on)."""
+
+    def __init__(self, base_layer: torch.nn.Embedding, rows: np.ndarray, trainable: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        tensor = torch.from_numpy(np.ascontiguousarray(rows, np.float32)).to(base_layer.weight.device)
+        self.register_parameter(ROWS_PARAMETER, torch.nn.Parameter(tensor, requires_grad=trainable))
+
+    @property
+    def rows(self) -> torch.nn.Parameter:
+        return getattr(self, ROWS_PARAMETER)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([self.base_layer.weight, self.rows.to(self.base_layer.weight.dtype)])
+        return torch.nn.functional.embedding(input_ids, table)
+
+
+def extend(text_encoder, rows: np.ndarray, trainable: bool) -> ExtendedEmbedding:
+    """Put an ExtendedEmbedding with `rows` in place of the text encoder's token embedding."""
+    current = text_encoder.get_input_embeddings()
+    if isinstance(current, ExtendedEmbedding):
+        raise RuntimeError("the text encoder holds added token rows already")
+    extended = ExtendedEmbedding(current, rows, trainable)
+    text_encoder.set_input_embeddings(extended)
+    return extended
