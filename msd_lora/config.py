@@ -107,9 +107,9 @@ class TrainConfig:
     weight_decay_ti: float = setting(0.0, "weight decay of the new embeddings", low=0.0, high=1.0)
     clip_ti_decay: bool = setting(True, "after each embedding update pull its norm towards 0.4 by min(1, 100 x lr) "
                                         "(lora_pti)")
-    ti_steps: int = setting(0, "first optimizer steps train only the embeddings (the LoRA's rate is 0), then the LoRA",
-                            low=0)
-    continue_inversion: bool = setting(False, "keep training the embeddings after ti_steps")
+    ti_steps: int = setting(0, "first optimizer steps train only the embeddings (the LoRA's rate is 0), then the LoRA; "
+                               "0 = embeddings and LoRA train together throughout", low=0)
+    continue_inversion: bool = setting(False, "keep training the embeddings after ti_steps (pivotal tuning)")
     continue_inversion_lr: float | None = setting(None, "their learning rate then; empty = learning_rate_ti", low=0.0,
                                                   low_open=True, high=1.0)
     use_template: str = setting("", "captions from templates around the tokens instead of the data's (mindone: "
@@ -385,9 +385,6 @@ def check_pivotal_tuning(typed: dict[str, Any], where) -> None:
     if len(initializers) not in (0, 1, len(tokens)):
         raise ConfigError(f"{where('initializer_tokens')}: {len(initializers)} initializer_tokens for {len(tokens)} "
                           f"placeholder_tokens: give one for all, or one per token")
-    if typed["use_lora"] and not typed["ti_steps"] and not typed["continue_inversion"]:
-        raise ConfigError(f"{where('placeholder_tokens')}: placeholder_tokens are set but the embeddings never train: "
-                          f"set ti_steps (steps of textual inversion before the LoRA) and/or continue_inversion: True")
     for key, problem in (("use_ema", typed["use_ema"]), ("optim", typed["optim"] != "adamw"),
                          ("cache_text_embeddings", typed["cache_text_embeddings"])):
         if problem:

@@ -176,12 +176,12 @@ class Trainer:
                              cfg.end_learning_rate, cfg.warmup_steps, cfg.decay_steps, cfg.milestones, cfg.decay_rate)
 
     def embeddings_lr_at(self, step: int) -> float:
-        """The placeholder embeddings' learning rate: learning_rate_ti during the first ti_steps, then
-        continue_inversion_lr (default learning_rate_ti) with continue_inversion, else 0."""
+        """The placeholder embeddings' learning rate: learning_rate_ti during the first ti_steps (every step when
+        ti_steps is 0), then continue_inversion_lr (default learning_rate_ti) with continue_inversion, else 0."""
         cfg = self.cfg
         if not self.embeddings:
             return 0.0
-        if step < self.plan.ti_steps:
+        if step < self.plan.ti_steps or self.plan.ti_steps == 0:  # ti_steps 0: both train throughout
             return cfg.learning_rate_ti
         return (cfg.continue_inversion_lr or cfg.learning_rate_ti) if cfg.continue_inversion else 0.0
 

@@ -17,7 +17,11 @@ SHIPPED_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 # mindone's model-config names (examples/stable_diffusion_v2/configs) -> the shipped config of the same model
 MINDONE_NAMES = {"v1-train.yaml": "v1-inference.yaml", "v1-inference.yaml": "v1-inference.yaml",
                  "v2-train.yaml": "v2-inference.yaml", "v2-inference.yaml": "v2-inference.yaml",
-                 "v2-vpred-train.yaml": "v2-inference-v.yaml", "v2-vpred-inference.yaml": "v2-inference-v.yaml"}
+                 "v2-vpred-train.yaml": "v2-inference-v.yaml", "v2-vpred-inference.yaml": "v2-inference-v.yaml",
+                 # DreamBooth and textual inversion: the same networks (the prior loss weight is our key)
+                 "train_dreambooth_sd_v1.yaml": "v1-inference.yaml", "train_dreambooth_sd_v2.yaml": "v2-inference.yaml",
+                 "v1-train-textual-inversion.yaml": "v1-inference.yaml",
+                 "v2-train-textual-inversion.yaml": "v2-inference.yaml"}
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,16 @@ class StubBackend(Backend):
     def configure_training(self, settings) -> None:
         self.settings = settings
 
-    def train_step(self, batch, lr, update, accumulation):
+    def _extend_token_table(self, rows, trainable):
+        raise NotImplementedError
+
+    def token_rows(self):
+        return None
+
+    def set_token_rows(self, rows):
+        raise NotImplementedError
+
+    def train_step(self, batch, lr, update, accumulation, lr_rows=0.0):
         self.calls.append((batch, lr, update))
         if self.on_step:
             self.on_step(len(self.calls))
