@@ -7,8 +7,14 @@ import pytest
 
 from msd_lora.config import load_train_config
 from msd_lora.data.class_images import class_image_plan
-from msd_lora.embeddings.files import (bundle_tensors, bundled_embeddings, read_embeddings, split_bundled,
-                                       write_a1111, write_diffusers)
+from msd_lora.embeddings.files import (
+    bundle_tensors,
+    bundled_embeddings,
+    read_embeddings,
+    split_bundled,
+    write_a1111,
+    write_diffusers,
+)
 from msd_lora.embeddings.tokens import Embedding, check_width, decay_norms, initial_vectors
 from msd_lora.errors import ConfigError, DatasetError, EmbeddingError
 from msd_lora.files.safetensors_file import write_safetensors
