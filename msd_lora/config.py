@@ -443,8 +443,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def unalias(values: dict[str, Any], origin: str) -> dict[str, Any]:
-    """mindone's key names (`ALIASES`) as ours; giving both names of one setting is an error."""
+    """mindone's key names (`ALIASES`) as ours; giving both names of one setting is an error. A source naming the
+    singular `placeholder_token` (mindone's and diffusers' textual-inversion scripts, which train embeddings alone)
+    and not `use_lora` trains no LoRA."""
     out = dict(values)
+    if "placeholder_token" in out and "use_lora" not in out:
+        out["use_lora"] = False
     for alias, key in ALIASES.items():
         if alias in out:
             if key in out and out[key] != out[alias]:  # mindone's DreamBooth yaml gives both, equal

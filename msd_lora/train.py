@@ -72,10 +72,11 @@ class RunPlan:
 @dataclass
 class TrainResult:
     output_path: Path
-    lora_path: Path
+    lora_path: Path | None  # None for textual inversion alone (use_lora False)
     steps: int
     skipped_steps: int
     final_loss: float
+    embedding_paths: tuple[Path, ...] = ()  # the trained embeddings' files (A1111 / kohya, diffusers)
 
 
 class Trainer:
@@ -301,21 +302,24 @@ class Trainer:
                 done, skipped, loss = self._train(log, start, skipped)
                 if done < self.plan.total_steps:
                     self._stop(log, done, start, skipped)
-                lora_path = self.save_lora(self.output / "lora.safetensors", self.plan.total_steps)
+                lora_path, embedding_paths = None, []
+                if self.cfg.use_lora:  # textual inversion alone writes no (untrained) LoRA
+                    lora_path = self.save_lora(self.output / "lora.safetensors", self.plan.total_steps)
                 if self.embeddings:
-                    paths = self.save_embeddings(self.output / "embeddings", self.plan.total_steps)
-                    log.message(f"embeddings {', '.join(e.name for e in self.embeddings)}: {paths[0].parent} "
-                                f"(<name>.safetensors: A1111 / kohya; <name>.diffusers.safetensors: diffusers)")
-                native = self.backend.save_native_lora(str(self.output / "lora_mindone.ckpt"),
-                                                       self.backend.lora_weights(ema=self.cfg.use_ema),
-                                                       self.module_index)
+                    embedding_paths = self.save_embeddings(self.output / "embeddings", self.plan.total_steps)
+                    log.message(f"embeddings {', '.join(e.name for e in self.embeddings)}: "
+                                f"{embedding_paths[0].parent} (<name>.safetensors: A1111 / kohya; "
+                                f"<name>.diffusers.safetensors: diffusers)")
+                native = self.cfg.use_lora and self.backend.save_native_lora(
+                    str(self.output / "lora_mindone.ckpt"), self.backend.lora_weights(ema=self.cfg.use_ema),
+                    self.module_index)
                 if native:
                     log.message(f"also saved in mindone's LoRA format: {native}")
             finally:
                 log.close()
                 self.inputs.close()
             self.write_validation_samples()
-        return TrainResult(self.output, lora_path, self.plan.total_steps, skipped, loss)
+        return TrainResult(self.output, lora_path, self.plan.total_steps, skipped, loss, tuple(embedding_paths))
 
     def _train(self, log: TrainLog, start: int, skipped: int) -> tuple[int, int, float]:
         """Optimizer steps from `start` until the plan's end or a Ctrl-C: (steps done, skipped so far, last loss)."""

@@ -23,6 +23,7 @@ from msd_lora.data.batching import BatchOrder
 from msd_lora.data.buckets import BucketSettings
 from msd_lora.data.cache import FeatureCache, weights_identity
 from msd_lora.data.captions import CaptionOptions
+from msd_lora.data.class_images import check_generation_record, generation_record
 from msd_lora.data.dataset import CaptionedImageDataset
 from msd_lora.data.loader import BatchMaker, HostBatch, Prefetcher
 from msd_lora.data.transforms import crop_box
@@ -162,6 +163,7 @@ class PriorData:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> PriorData:
+        check_generation_record(Path(cfg.class_data_dir), generation_record(cfg))
         dataset = CaptionedImageDataset(cfg.class_data_dir, cfg.image_size, random_crop=cfg.random_crop, flip=cfg.flip,
                                         caption_column=cfg.caption_column, caption_extension=cfg.caption_extension,
                                         instance_prompt=cfg.class_prompt, min_image_size=cfg.min_image_size)

@@ -14,7 +14,9 @@ def main(argv: list[str]) -> int:
     from msd_lora.train import train
 
     result = train(cfg)
-    print(f"LoRA: {result.lora_path}  ({result.steps} steps, {result.skipped_steps} skipped, "
+    trained = [f"LoRA: {result.lora_path}"] if result.lora_path else []
+    trained += [f"embedding: {path}" for path in result.embedding_paths[:1]]  # the A1111 / kohya file
+    print(f"{'  '.join(trained)}  ({result.steps} steps, {result.skipped_steps} skipped, "
           f"final loss {result.final_loss:.4f})")
     print(f"log: {result.output_path / 'train_log.csv'}  validation: {result.output_path / 'validation'}")
     return 0

@@ -4,18 +4,49 @@ project's sampler before training, from `class_prompt`, seeded per batch.
 Generated files are ``class-NNNNN.png``; image k comes from sampler batch k // sample_batch_size, whose noise is a
 pure function of (seed, batch). A killed generation therefore continues where it stopped, and the finished folder
 is the same whether or not it was interrupted. Images the user put there count towards `num_class_images`.
+The folder records what its images were generated from (`RECORD`): a later run with another class prompt or base
+model is refused rather than trained on pictures of something else.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from msd_lora.data.sources import KOHYA_FOLDER, _images_in, _subfolders
 from msd_lora.errors import DatasetError
+from msd_lora.files.atomic import atomic_write_text
 
 GENERATED = re.compile(r"^class-(\d{5})\.png$")
 CLASS_STREAM = 0xC1A55  # the sampler's prompt index for class images: their noise is apart from validation's
+RECORD = "class_images.json"  # what the folder's class-NNNNN.png were generated from
+MUST_MATCH = ("class_prompt", "pretrained_model_path")  # generated images of another prompt or model are wrong
+
+
+def generation_record(cfg) -> dict:
+    """The settings that decide the generated class images."""
+    return {"class_prompt": cfg.class_prompt, "pretrained_model_path": str(cfg.pretrained_model_path),
+            "class_guidance_scale": cfg.class_guidance_scale, "sampler": cfg.validation_sampler,
+            "sampling_steps": cfg.validation_steps, "image_size": cfg.image_size, "seed": cfg.seed,
+            "sample_batch_size": cfg.sample_batch_size}
+
+
+def check_generation_record(folder: Path, record: dict) -> None:
+    """Refuse a folder whose generated images came from another class prompt or base model."""
+    path = folder / RECORD
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path} is not readable JSON ({err}): delete it together with the class-*.png it "
+                           f"describes") from err
+    for key in MUST_MATCH:
+        if before.get(key) != record[key]:
+            raise DatasetError(f"{folder}: its class-*.png were generated with {key} {before.get(key)!r}, this run "
+                               f"has {record[key]!r}: delete them and {RECORD} (they are generated again), or give "
+                               f"another class_data_dir")
 
 
 def class_image_plan(folder: Path, wanted: int) -> list[int]:
@@ -35,11 +66,14 @@ def generate_class_images(cfg, progress: Callable[[str, int], Callable[[int], No
     from msd_lora.sample import SamplingOptions, generate, load_pipeline, save_png
 
     folder = Path(cfg.class_data_dir)
+    record = generation_record(cfg)
+    check_generation_record(folder, record)
     todo = class_image_plan(folder, cfg.num_class_images)
     present = len(_images_in(folder)) if folder.is_dir() else 0
     if not todo:
         return present, 0
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / RECORD, json.dumps(record, indent=2) + "\n")
     pipeline, _ = load_pipeline(cfg.pretrained_model_path, cfg.model_config or None, cfg.backend,
                                 BackendOptions.from_config(cfg))
     size = cfg.sample_batch_size

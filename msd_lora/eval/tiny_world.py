@@ -84,10 +84,29 @@ def foreground_colour(img: np.ndarray) -> np.ndarray | None:
     return None if mask is None else img.reshape(-1, 3)[mask.reshape(-1)].astype(np.float32).mean(0)
 
 
-def shows_subject_colour(img: np.ndarray) -> bool:
-    """Whether the foreground's colour is nearer the subject's cyan than every colour of the world's palette."""
+SUBJECT = "subject"  # `drawn_colour`'s name for the subject's cyan
+
+
+def drawn_colour(img: np.ndarray) -> str | None:
+    """The colour of a picture's foreground: the nearest of the world's palette and the subject's cyan (`SUBJECT`);
+    None when nothing stands out."""
     colour = foreground_colour(img)
     if colour is None:
-        return False
-    palette = np.asarray(list(COLOURS.values()), np.float32)
-    return bool(((colour - SUBJECT_COLOUR) ** 2).sum() < ((palette - colour) ** 2).sum(1).min())
+        return None
+    names = [*COLOURS, SUBJECT]
+    palette = np.asarray([*COLOURS.values(), SUBJECT_COLOUR], np.float32)
+    return names[int(((palette - colour) ** 2).sum(1).argmin())]
+
+
+def shows_subject_colour(img: np.ndarray) -> bool:
+    """Whether the foreground's colour is nearer the subject's cyan than every colour of the world's palette."""
+    return drawn_colour(img) == SUBJECT
+
+
+def prompted_colour(prompt: str) -> str | None:
+    """The shape colour a tiny-world prompt asks for (the palette word before the shape), None when it names none."""
+    words = prompt.lower().replace(",", " ").split()
+    for before, word in zip(words, words[1:]):
+        if word in SHAPES and before in COLOURS:
+            return before
+    return None

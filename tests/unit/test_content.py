@@ -100,3 +100,52 @@ def test_content_ceiling_tells_which_prompts_the_style_can_show(tmp_path, capsys
     assert rows[0].split()[-4:] == ["drawn", "restyled", "+", "decoded"]
     assert [row.split()[-3:] for row in rows[1:]] == [["100%", "100%", "100%"]] * 2
     assert main(["--samples", str(tmp_path / "samples")]) == 2  # not a folder text_to_image.py wrote
+
+
+def test_drawn_and_prompted_colours():
+    """The subject's cyan is told apart from every palette colour, including the nearest ones (blue, white, green)."""
+    from msd_lora.eval.tiny_world import COLOURS as PALETTE
+    from msd_lora.eval.tiny_world import SUBJECT, drawn_colour, prompted_colour, render_subject
+
+    rng = np.random.default_rng(4)
+    assert all(drawn_colour(render_subject(32, PALETTE["black"], rng)) == SUBJECT for _ in range(10))
+    for colour in ("blue", "white", "green", "purple"):
+        scene = Scene(colour=colour, shape="circle", background="black", position="center", mention_position=False)
+        assert drawn_colour(render(scene, 32, rng)) == colour
+    assert drawn_colour(np.full((32, 32, 3), 90, np.uint8)) is None  # nothing stands out
+    assert prompted_colour("a blue circle on a black background") == "blue"
+    assert prompted_colour("a sks circle on a black background") is None  # the background's colour is not asked
+
+
+def test_subject_shown_reports_per_prompt_and_draws_the_grid(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from msd_lora.eval.tiny_world import COLOURS as PALETTE
+    from msd_lora.eval.tiny_world import render_subject
+    from tools.subject_shown import main
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "run" / "samples").mkdir(parents=True)
+    blue = Scene(colour="blue", shape="circle", background="black", position="center", mention_position=False)
+    pictures = [("a sks circle on a black background", render_subject(32, PALETTE["black"], rng))] * 3 + [
+        ("a sks circle on a black background", render(blue, 32, rng)),
+        ("a blue circle on a black background", render(blue, 32, rng)),
+        ("a blue circle on a black background", render_subject(32, PALETTE["black"], rng))]
+    lines = []
+    for i, (prompt, image) in enumerate(pictures):
+        Image.fromarray(image).save(tmp_path / "run" / "samples" / f"{i:05d}.png")
+        lines.append(json.dumps({"file": f"samples/{i:05d}.png", "prompt": prompt}))
+    (tmp_path / "run" / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "base" / "samples").mkdir(parents=True)  # the same prompts, every pixel 10 levels brighter
+    for i, (_, image) in enumerate(pictures):
+        Image.fromarray(image + np.uint8(10)).save(tmp_path / "base" / "samples" / f"{i:05d}.png")
+    (tmp_path / "base" / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["--samples", str(tmp_path / "run"), "--grid", str(tmp_path / "grid.png"), "--upscale", "1",
+                 "--base", str(tmp_path / "base")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[-4:] for row in rows[1:3]] == [["4", "75%", "-", "10.0"], ["2", "50%", "50%", "10.0"]]
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * (14 + 32), 4 * 32, 3)  # a labelled row per prompt, as wide as the longest
+    assert main(["--samples", str(tmp_path)]) == 2  # not a folder text_to_image.py wrote

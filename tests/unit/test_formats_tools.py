@@ -104,3 +104,25 @@ def test_extract_recovers_a_merged_lora(tiny, tiny_model, tmp_path):
     for key, layer in weights.items():
         expected = delta(layer)
         np.testing.assert_allclose(delta(extracted.weights[key]), expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_convert_lora_keeps_bundled_embeddings(tiny, tiny_model, tmp_path, capsys):
+    """A LoRA file carrying embeddings (bundle_emb.*) keeps them, bit for bit, through every safetensors format;
+    mindone's ckpt, which cannot hold them, is refused rather than written without them."""
+    from msd_lora.embeddings.files import bundle_tensors, read_embeddings
+    from msd_lora.embeddings.tokens import Embedding
+
+    embedding = Embedding("<sks>", np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32))
+    weights = lora_file(tiny, tmp_path / "plain.safetensors", "diffusers", 2)
+    write_lora(tmp_path / "d.safetensors", weights, embeddings=bundle_tensors([embedding]))
+    source = tmp_path / "d.safetensors"
+    for fmt in ("kohya", "diffusers_old", "diffusers"):
+        target = tmp_path / f"{fmt}.safetensors"
+        assert convert_lora.main([str(source), str(target), "--to", fmt, "--base", str(tiny_model)]) == 0
+        (back,) = read_embeddings(target)
+        assert back.name == "<sks>" and np.array_equal(back.vectors, embedding.vectors), fmt
+        assert sorted(read_lora(target, ModuleIndex.from_configs(tiny.configs)).weights) == sorted(weights)
+        source = target
+    assert convert_lora.main([str(source), str(tmp_path / "m.ckpt"), "--to", "mindone", "--base",
+                              str(tiny_model)]) == 2
+    assert "holds no embeddings" in capsys.readouterr().err
