@@ -87,13 +87,14 @@ def main(argv: list[str]) -> int:
     add_debug_flag(p)
     args = p.parse_args(argv)
     base = by_prompt(*read_samples(args.base)) if args.base else {}
-    print(f"{'folder':<36} {'prompt':<42} {'images':>6} {'subject':>8} {'prompted colour':>16} {'vs base':>8}")
+    width = max(len(str(folder)) for folder in args.samples)
+    print(f"{'folder':<{width}} {'prompt':<42} {'images':>6} {'subject':>8} {'prompted colour':>16} {'vs base':>8}")
     rows = []
     for folder in args.samples:
         groups = by_prompt(*read_samples(folder))
         for prompt, (count, subject, colour) in subject_rates(groups).items():
             kept = "-" if colour is None else f"{colour:.0%}"
-            print(f"{str(folder):<36} {prompt:<42} {count:>6} {subject:>8.0%} {kept:>16} "
+            print(f"{str(folder):<{width}} {prompt:<42} {count:>6} {subject:>8.0%} {kept:>16} "
                   f"{difference(groups[prompt], base.get(prompt)):>8}")
             rows.append((f"{folder.name}: {prompt}", groups[prompt][:args.per_row]))
     if args.grid:

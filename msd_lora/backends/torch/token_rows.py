@@ -22,8 +22,11 @@ class ExtendedEmbedding(torch.nn.Module):
         return getattr(self, ROWS_PARAMETER)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        table = torch.cat([self.base_layer.weight, self.rows.to(self.base_layer.weight.dtype)])
-        return torch.nn.functional.embedding(input_ids, table)
+        """Each id's row from the base table or the added rows: two lookups, no copy of the (SD: 49408-row) table."""
+        vocab = self.base_layer.num_embeddings
+        base = self.base_layer(input_ids.clamp(max=vocab - 1))
+        added = torch.nn.functional.embedding((input_ids - vocab).clamp(min=0), self.rows.to(base.dtype))
+        return torch.where((input_ids >= vocab).unsqueeze(-1), added, base)
 
 
 def extend(text_encoder, rows: np.ndarray, trainable: bool) -> ExtendedEmbedding:
