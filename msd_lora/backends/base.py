@@ -375,3 +375,14 @@ def get_backend(name: str, options: BackendOptions = BackendOptions()) -> Backen
 
         return MindSporeBackend(options)
     raise ConfigError(f"unknown backend {name!r}; expected 'torch' or 'mindspore'")
+
+
+def extend_token_embedding(text_encoder: Any, extended_class: type, rows: np.ndarray, trainable: bool) -> Any:
+    """Put `extended_class(current token embedding, rows, trainable)` in place of a (transformers or mindone) CLIP text
+    encoder's token embedding, once; returns it."""
+    current = text_encoder.get_input_embeddings()
+    if isinstance(current, extended_class):
+        raise RuntimeError("the text encoder holds added token rows already")
+    extended = extended_class(current, rows, trainable)
+    text_encoder.set_input_embeddings(extended)
+    return extended

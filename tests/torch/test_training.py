@@ -167,8 +167,8 @@ def test_overflowing_gradients_skip_the_update(tmp_path):
 
     trainer = make_trainer(tmp_path, "--max_train_steps", "3", "--log_interval", "1")
     backend = trainer.backend
-    real_loss = backend.loss
-    backend.loss = lambda batch: real_loss(batch) * torch.tensor(float("inf"))
+    real_losses = backend.sample_losses
+    backend.sample_losses = lambda batch: real_losses(batch) * torch.tensor(float("inf"))
     before = backend.lora_weights()
     result = trainer.run()
     assert result.skipped_steps == 3
@@ -272,11 +272,11 @@ def test_torch_loss_scale_static_stays_put_dynamic_moves(tmp_path, scaler, after
     trainer = make_trainer(tmp_path, "--loss_scaler_type", scaler, "--init_loss_scale", "1024", "--scale_window", "1")
     backend = trainer.backend
     backend.scaler = make_scaler(backend.settings, "cpu")
-    real_loss = backend.loss
-    backend.loss = lambda batch: real_loss(batch) * torch.tensor(float("inf"))
+    real_losses = backend.sample_losses
+    backend.sample_losses = lambda batch: real_losses(batch) * torch.tensor(float("inf"))
     assert backend.train_step(trainer.micro_batch(0), 1e-3, update=True, accumulation=1).overflow
     assert float(backend.scaler.get_scale()) == after_overflow
-    backend.loss = real_loss
+    backend.sample_losses = real_losses
     assert backend.train_step(trainer.micro_batch(1), 1e-3, update=True, accumulation=1).updated
     assert float(backend.scaler.get_scale()) == after_clean
 

@@ -10,7 +10,14 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, StepResult
+from msd_lora.backends.base import (
+    Backend,
+    BackendOptions,
+    OptimizerSettings,
+    StepBatch,
+    StepResult,
+    extend_token_embedding,
+)
 from msd_lora.backends.mindspore import lora as ms_lora
 from msd_lora.backends.mindspore import token_rows as ms_rows
 from msd_lora.backends.mindspore.context import configure_context, import_mindone_quietly
@@ -149,7 +156,7 @@ class MindSporeBackend(Backend):
 
     # --- added token rows --------------------------------------------------------------------
     def _extend_token_table(self, rows: np.ndarray, trainable: bool) -> None:
-        self.extended = ms_rows.extend(self.text_encoder, rows, trainable)
+        self.extended = extend_token_embedding(self.text_encoder, ms_rows.ExtendedEmbedding, rows, trainable)
         self._build_graphs()  # graphs built before would keep the old table
 
     def token_rows(self) -> np.ndarray | None:

@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor
+from mindspore import Tensor, nn
 
 from msd_lora.backends.base import StepBatch
 from msd_lora.backends.mindspore.backend import MindSporeBackend
 from msd_lora.backends.probe import training_latents
+
+
+class MeanLoss(nn.Cell):
+    """The training loss: the mean of the loss cell's per-sample losses."""
+
+    def __init__(self, loss: nn.Cell):
+        super().__init__()
+        self.loss = loss
+
+    def construct(self, *inputs):
+        return self.loss(*inputs).mean()
 
 
 class MindSporeProbe:
@@ -24,14 +35,15 @@ class MindSporeProbe:
     def loss(self, batch: StepBatch) -> float:
         if self.backend.step is not None:
             return self._step_gradients(batch)[0]
-        return float(self.backend.loss(*self.backend.step_inputs(batch)).asnumpy())
+        return float(self.backend.loss(*self.backend.step_inputs(batch)).asnumpy().mean())
 
     def lora_gradients(self, batch: StepBatch) -> dict[str, np.ndarray]:
         if self.backend.step is not None:
             return self._step_gradients(batch)[1]
         items = self.backend.lora_items()
         if self._grad_fn is None:  # built once: each new grad function would be compiled anew
-            self._grad_fn = ms.value_and_grad(self.backend.loss, None, ms.ParameterTuple([p for _, p in items]))
+            self._grad_fn = ms.value_and_grad(MeanLoss(self.backend.loss), None,
+                                              ms.ParameterTuple([p for _, p in items]))
         _, grads = self._grad_fn(*self.backend.step_inputs(batch))
         return {k: g.asnumpy() for (k, _), g in zip(items, grads)}
 

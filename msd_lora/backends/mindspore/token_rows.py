@@ -27,16 +27,6 @@ class ExtendedEmbedding(nn.Cell):
         return ops.where(ops.expand_dims(input_ids >= vocab, -1), added, base)
 
 
-def extend(text_encoder: nn.Cell, rows: np.ndarray, trainable: bool) -> ExtendedEmbedding:
-    """Put an ExtendedEmbedding with `rows` in place of the text encoder's token embedding."""
-    current = text_encoder.get_input_embeddings()
-    if isinstance(current, ExtendedEmbedding):
-        raise RuntimeError("the text encoder holds added token rows already")
-    extended = ExtendedEmbedding(current, rows, trainable)
-    text_encoder.set_input_embeddings(extended)
-    return extended
-
-
 def read_rows(cell: ExtendedEmbedding) -> np.ndarray:
     return cell.rows.asnumpy().astype(np.float32)
 

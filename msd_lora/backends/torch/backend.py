@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from msd_lora.backends.base import Backend, BackendOptions, OptimizerSettings, StepBatch, StepResult
+from msd_lora.backends.base import (
+    Backend,
+    BackendOptions,
+    OptimizerSettings,
+    StepBatch,
+    StepResult,
+    extend_token_embedding,
+)
 from msd_lora.backends.torch import lora as torch_lora
 from msd_lora.backends.torch import token_rows as torch_rows
 from msd_lora.backends.torch.networks import build_network, resolve_device
@@ -109,7 +116,7 @@ class TorchBackend(Backend):
 
     # --- added token rows --------------------------------------------------------------------
     def _extend_token_table(self, rows: np.ndarray, trainable: bool) -> None:
-        self.extended = torch_rows.extend(self.text_encoder, rows, trainable)
+        self.extended = extend_token_embedding(self.text_encoder, torch_rows.ExtendedEmbedding, rows, trainable)
 
     def token_rows(self) -> np.ndarray | None:
         return None if self.extended is None else self._read(self.extended.rows)
@@ -160,7 +167,11 @@ class TorchBackend(Backend):
         return join_chunks(states, token_ids.shape[1] // chunk, torch.cat)
 
     def loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of a tensor batch (`tensor_batch`)."""
+        """The training loss of a tensor batch (`tensor_batch`): the mean of `sample_losses`."""
+        return self.sample_losses(b).mean()
+
+    def sample_losses(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each sample's weighted training loss (B,) of a tensor batch (`tensor_batch`)."""
         latents = (b["mean"] + b["std"] * b["posterior_noise"]) * self.info.scaling_factor
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
@@ -174,7 +185,7 @@ class TorchBackend(Backend):
                    lr_rows: float = 0.0) -> StepResult:
         self.dropout.seed = batch.dropout_seed
         try:
-            per_sample = self.loss(self.tensor_batch(batch))
+            per_sample = self.sample_losses(self.tensor_batch(batch))
             loss = per_sample.mean()
             scaled = loss / accumulation
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -220,7 +231,7 @@ class TorchBackend(Backend):
 
     def evaluate_loss(self, batch: StepBatch) -> float:
         with torch.no_grad():
-            return self.loss(self.tensor_batch(batch)).mean().item()
+            return self.loss(self.tensor_batch(batch)).item()
 
     def set_lora_enabled(self, enabled: bool) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer

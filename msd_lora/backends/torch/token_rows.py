@@ -27,13 +27,3 @@ class ExtendedEmbedding(torch.nn.Module):
         base = self.base_layer(input_ids.clamp(max=vocab - 1))
         added = torch.nn.functional.embedding((input_ids - vocab).clamp(min=0), self.rows.to(base.dtype))
         return torch.where((input_ids >= vocab).unsqueeze(-1), added, base)
-
-
-def extend(text_encoder, rows: np.ndarray, trainable: bool) -> ExtendedEmbedding:
-    """Put an ExtendedEmbedding with `rows` in place of the text encoder's token embedding."""
-    current = text_encoder.get_input_embeddings()
-    if isinstance(current, ExtendedEmbedding):
-        raise RuntimeError("the text encoder holds added token rows already")
-    extended = ExtendedEmbedding(current, rows, trainable)
-    text_encoder.set_input_embeddings(extended)
-    return extended
