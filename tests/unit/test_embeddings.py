@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from msd_lora.config import load_train_config
-from msd_lora.data.class_images import class_image_plan
+from msd_lora.data.class_images import RECORD, check_generation_record, class_image_plan
 from msd_lora.embeddings.files import (
     bundle_tensors,
     bundled_embeddings,
@@ -107,6 +107,14 @@ def test_class_image_plan_resumes_where_it_stopped(tmp_path):
     (tmp_path / "2_dog").mkdir()
     with pytest.raises(DatasetError, match="kohya N_class folders"):
         class_image_plan(tmp_path, 4)
+
+
+def test_a_broken_class_image_record_is_refused(tmp_path):
+    record = {"class_prompt": "a dog", "pretrained_model_path": "/m"}
+    check_generation_record(tmp_path, record)  # no record yet: nothing to check
+    (tmp_path / RECORD).write_text("{not json")
+    with pytest.raises(DatasetError, match=f"{RECORD} is not readable JSON.*delete it together with the class-"):
+        check_generation_record(tmp_path, record)
 
 
 def test_multi_step_decay_is_mindones_schedule():
